@@ -1,0 +1,1 @@
+"""POVID data: datasets, message and image transforms, dispreferred-data generation."""

@@ -1,0 +1,1 @@
+"""The packaged YAML configs (`povid ls` lists them; recipes resolve names here)."""
