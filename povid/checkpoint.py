@@ -45,6 +45,8 @@ __all__ = [
     "canonical_to_llava_hf",
     "load_model_state",
     "llava_hf_config",
+    "save_llava_hf",
+    "load_llava",
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -298,7 +300,9 @@ def _preview(keys: Iterable[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_model_state(model: nn.Module, state: StateDict, source: str | Path) -> None:
+def load_model_state(
+    model: nn.Module, state: StateDict, source: str | Path, assign: bool = False
+) -> None:
     """Load ``state`` into ``model``, naming missing, unexpected and mis-shaped keys.
 
     LoRA/DoRA adapter parameters may be absent (they start from their initialisation). DoRA
@@ -322,7 +326,7 @@ def load_model_state(model: nn.Module, state: StateDict, source: str | Path) -> 
         problems.append(f"shape mismatch in {len(mis_shaped)} tensors: {_preview(mis_shaped, 4)}")
     if problems:
         raise ValueError(f"{source}: checkpoint does not fit the model; " + "; ".join(problems))
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=assign)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +432,45 @@ def _save_sharded(state: StateDict, out_dir: Path, max_shard_bytes: int) -> None
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def save_llava_hf(
+    state_dict: StateDict,
+    args: LlavaArgs,
+    out_dir: str | Path,
+    *,
+    source_config: Optional[dict] = None,
+    copy_files_from: Optional[str | Path] = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write our model's ``state_dict`` as a llava-hf checkpoint (layout B) with ``config.json``.
+
+    Args:
+        state_dict: our model's keys, LoRA merged.
+        args: the model's architecture.
+        out_dir: created if needed.
+        source_config: a llava-hf config to write back (only the dtype is updated); by default
+            one is generated from ``args``.
+        copy_files_from: a directory whose tokenizer/processor files are copied along.
+        max_shard_bytes: largest safetensors shard.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    canonical = tune_to_canonical(state_dict, args)
+    if args.source_format == "original":
+        canonical, args = _pad_vocab_for_hf(canonical, args)
+    dtype = next(iter(state_dict.values())).dtype
+    _save_sharded(canonical_to_llava_hf(canonical), out_dir, max_shard_bytes)
+    if source_config is not None:
+        config = {**source_config, "torch_dtype": str(dtype).removeprefix("torch.")}
+    else:
+        config = llava_hf_config(args, dtype)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if copy_files_from is not None:
+        for side_file in _SIDE_FILES:
+            if (Path(copy_files_from) / side_file).exists():
+                shutil.copy2(Path(copy_files_from) / side_file, out_dir / side_file)
+    return out_dir
+
+
 # ---------------------------------------------------------------------------------------------
 # The checkpointer
 # ---------------------------------------------------------------------------------------------
@@ -500,24 +543,17 @@ class LlavaCheckpointer:
         if self.output_dir is None:
             raise ValueError("LlavaCheckpointer was created without an output_dir")
         out_dir = self.output_dir / name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        args = self.args
-        canonical = tune_to_canonical(state_dict, args)
-        if args.source_format == "original":
-            canonical, args = _pad_vocab_for_hf(canonical, args)
-        dtype = next(iter(state_dict.values())).dtype
-        _save_sharded(canonical_to_llava_hf(canonical), out_dir, self.max_shard_bytes)
         source_config = json.loads((self.checkpoint_dir / "config.json").read_text())
-        if args.source_format == "hf":
-            # Keep every field of the source config (transformers versions differ in what
-            # they expect); only the dtype can have changed.
-            config = {**source_config, "torch_dtype": str(dtype).removeprefix("torch.")}
-        else:
-            config = llava_hf_config(args, dtype)
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-        for side_file in _SIDE_FILES:
-            if (self.checkpoint_dir / side_file).exists():
-                shutil.copy2(self.checkpoint_dir / side_file, out_dir / side_file)
+        save_llava_hf(
+            state_dict,
+            self.args,
+            out_dir,
+            # Keep every field of a llava-hf source config (transformers versions differ in
+            # what they expect); an original-LLaVA config is rewritten.
+            source_config=source_config if self.args.source_format == "hf" else None,
+            copy_files_from=self.checkpoint_dir,
+            max_shard_bytes=self.max_shard_bytes,
+        )
         if adapter_state_dict is not None:
             self.save_adapter(adapter_state_dict, out_dir, adapter_config or {})
         return out_dir
@@ -543,3 +579,30 @@ class LlavaCheckpointer:
         if "target_modules" in config:
             config = convert_weights.tune_to_peft_adapter_config(config, str(self.checkpoint_dir))
         (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_llava(
+    checkpoint_dir: str | Path,
+    *,
+    clip_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Build a full LLaVA from ``checkpoint_dir`` (any supported layout) for inference.
+
+    The model is built on the meta device and the checkpoint tensors are assigned to it, so no
+    time goes into a random initialisation that would be overwritten (minutes at 7B on CPU).
+    """
+    from povid.model import llava_1_5
+
+    checkpointer = LlavaCheckpointer(checkpoint_dir, clip_dir=clip_dir)
+    with torch.device("meta"):
+        model = llava_1_5(checkpointer.args, decoder_trainable=False, projector_trainable=False)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in checkpointer.load_checkpoint()["model"].items()}
+    load_model_state(model, state, checkpoint_dir, assign=True)
+    for module in model.modules():
+        # RoPE caches are non-persistent buffers: still on meta after loading.
+        if hasattr(module, "rope_init"):
+            with torch.device(device):
+                module.rope_init()
+    return model.eval()
