@@ -81,6 +81,14 @@ def _cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """Run the offline default job (imports torch, so only here)."""
+    from povid.demo import run_demo
+
+    run_demo(args.output_dir)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     """The `povid` parser with its `ls` and `cp` subcommands."""
     parser = argparse.ArgumentParser(
@@ -89,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "Run a recipe with `tune run <recipe> --config <config> [key=value ...]`.",
     )
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
-    subparsers = parser.add_subparsers(title="subcommands", metavar="{ls,cp}")
+    subparsers = parser.add_subparsers(title="subcommands", metavar="{ls,cp,demo}")
 
     ls = subparsers.add_parser(
         "ls",
@@ -133,6 +141,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="accepted for `tune cp` compatibility; parent directories are always created",
     )
     cp.set_defaults(func=_cp, parser=cp)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="Run the offline default job on CPU (nothing is downloaded)",
+        description="Make a tiny LLaVA checkpoint and images, then run povid_generate on them.",
+    )
+    demo.add_argument("--output-dir", default="povid_outputs/demo", help="where everything goes")
+    demo.set_defaults(func=_demo)
     return parser
 
 
