@@ -476,6 +476,25 @@ def save_llava_hf(
 # ---------------------------------------------------------------------------------------------
 
 
+_CLIP_VISION_ROOTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
+
+
+def _clip_dir_vision(raw: StateDict, clip_dir: str | Path) -> StateDict:
+    """Canonical vision tensors from a CLIP directory.
+
+    A whole CLIPModel (openai/clip-vit-large-patch14-336) also holds a text tower, which LLaVA
+    does not use; transformers 5's ``CLIPVisionModel.save_pretrained`` drops ``vision_model.``.
+    """
+    prefixed = {k: v for k, v in raw.items() if k.startswith("vision_model.")}
+    if prefixed:
+        vision, _ = to_canonical(prefixed, str(clip_dir))
+        return vision
+    bare = {"vision." + k: v for k, v in raw.items() if k.startswith(_CLIP_VISION_ROOTS)}
+    if not bare:
+        raise ValueError(f"{clip_dir}: no CLIP vision tensors (`vision_model.*`) found")
+    return {k: v for k, v in bare.items() if not _IGNORED.search(k)}
+
+
 class LlavaCheckpointer:
     """Reads any supported LLaVA layout into our model's keys and writes llava-hf (layout B).
 
@@ -512,13 +531,7 @@ class LlavaCheckpointer:
             clip_dir = self.args.extra.get("clip_dir")
             if not clip_dir:
                 raise ValueError(f"{self.checkpoint_dir}: the checkpoint has no vision tower weights")
-            clip_raw = load_weight_files(clip_dir)
-            # A full CLIPModel also has a text tower; LLaVA uses only the vision side.
-            clip_vision = {k: v for k, v in clip_raw.items() if k.startswith("vision_model.")}
-            if not clip_vision:
-                raise ValueError(f"{clip_dir}: no `vision_model.*` tensors (not a CLIP checkpoint?)")
-            vision, _ = to_canonical(clip_vision, str(clip_dir))
-            canonical.update(vision)
+            canonical.update(_clip_dir_vision(load_weight_files(clip_dir), clip_dir))
         state, not_understood = canonical_to_tune(canonical, self.args)
         if unrecognised or not_understood:
             raise ValueError(

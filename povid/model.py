@@ -454,6 +454,9 @@ def read_llava_args(checkpoint_dir: str | Path, clip_dir: Optional[str | Path] =
     checkpoint_dir = Path(checkpoint_dir)
     path = checkpoint_dir / "config.json"
     cfg = _load_json(path)
+    # Checked first: the released liuhaotian/llava-v1.5-7b config says model_type "llava" too.
+    if "mm_vision_tower" in cfg or "mm_projector_type" in cfg:
+        return _read_original_llava_args(cfg, path, clip_dir)
     if "text_config" in cfg or cfg.get("model_type") == "llava":
         text = {**_HF_TEXT_DEFAULTS, **cfg.get("text_config", {})}
         vision = {**_HF_VISION_DEFAULTS, **cfg.get("vision_config", {})}
@@ -469,8 +472,6 @@ def read_llava_args(checkpoint_dir: str | Path, clip_dir: Optional[str | Path] =
             pad_token_id=cfg.get("pad_token_id", text.get("pad_token_id")) or 0,
             source_format="hf",
         )
-    if "mm_vision_tower" in cfg or "mm_projector_type" in cfg:
-        return _read_original_llava_args(cfg, path, clip_dir)
     raise ValueError(
         f"{path}: not a LLaVA config (expected llava-hf `text_config`/`vision_config` or "
         f"original LLaVA `mm_vision_tower`)"

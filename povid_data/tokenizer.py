@@ -55,8 +55,9 @@ def train_sentencepiece(
         model_prefix_or_path: a directory (``tokenizer.model`` is written inside it, the
             directory is created) or a path ending in ``.model``.
         sentences: training text, one sentence per item.
-        vocab_size: number of pieces, including the 3 specials and 256 byte pieces, so it
-            must be larger than 259 plus the number of distinct characters in the corpus.
+        vocab_size: number of pieces, including the 3 specials and 256 byte pieces. It is an
+            upper bound: a corpus too small to fill it gives a smaller vocabulary instead of
+            an error (check ``LlavaTokenizer.vocab_size`` if an exact size matters).
         seed: seed of SentencePiece's random generator (training is single-threaded and the
             corpus is not shuffled, so the result is deterministic anyway).
         model_type: ``"bpe"`` like Llama, or ``"unigram"``.

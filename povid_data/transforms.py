@@ -85,7 +85,9 @@ def normalize_messages(
         if role is None:
             raise ValueError(f"{_where(source)}message {i}: unknown role {raw_role!r}")
         if not isinstance(text, str):
-            raise TypeError(f"{_where(source)}message {i}: text must be a str, got {type(text).__name__}")
+            raise TypeError(
+                f"{_where(source)}message {i}: text must be a str, got {type(text).__name__}"
+            )
         expected = _USER if i % 2 == 0 else _ASSISTANT
         if role != expected:
             raise ValueError(
@@ -96,7 +98,9 @@ def normalize_messages(
             # vicuna_v1 renders an empty answer as a generation prompt without </s>.
             raise ValueError(f"{_where(source)}message {i}: empty assistant answer")
         if role == _ASSISTANT and IMAGE_TOKEN in text:
-            raise ValueError(f"{_where(source)}message {i}: {IMAGE_TOKEN} inside an assistant answer")
+            raise ValueError(
+                f"{_where(source)}message {i}: {IMAGE_TOKEN} inside an assistant answer"
+            )
         out.append((role, text))
     if not out:
         raise ValueError(f"{_where(source)}no messages")
@@ -224,6 +228,10 @@ class LlavaMessageTransform:
                     self._flush(run, tokens, labels, source)
                     run = []
                     self._append_special(part, trainable, tokens, labels)
+                elif part and run and run[-1][1] == trainable:
+                    # One fragment per label kind: a boundary inside the prompt (e.g. between
+                    # "q " and "ASSISTANT:") is not a token boundary and must not be checked.
+                    run[-1] = (run[-1][0] + part, trainable)
                 elif part:
                     run.append((part, trainable))
         self._flush(run, tokens, labels, source)
@@ -236,9 +244,8 @@ class LlavaMessageTransform:
         if IMAGE_TOKEN in question:
             raise ValueError(f"question must not contain {IMAGE_TOKEN}; use with_image=True")
         text = f"{IMAGE_TOKEN}\n{question}" if with_image else question
-        tokens, _ = self.tokenize(
-            [{"from": "human", "value": text}], add_generation_prompt=True, source="generation prompt"
-        )
+        messages = [{"from": "human", "value": text}]
+        tokens, _ = self.tokenize(messages, add_generation_prompt=True, source="generation prompt")
         return tokens
 
     # -- helpers

@@ -130,7 +130,7 @@ def test_int8_weight_only_quantization_runs(tmp_path, tiny_checkpoint, image_fil
         ("missing_image", r"record id='r0': field 'image': Image file not found: .*nope\.png"),
         ("corrupt_image", r"record id='r0': field 'image': Cannot read image file .*bad\.png"),
         ("two_images", r"record id='r0'.*2 <image> marker"),
-        ("too_long", r"record id='r0'"),
+        ("too_long", r"record id=.r0.\] \d+ tokens .*exceed max_seq_len"),
         ("no_id", r"record id='\?': field 'id' is missing"),
     ],
 )
