@@ -40,6 +40,7 @@ __all__ = [
     "LlavaArgs",
     "LlavaProjector",
     "LlavaVisionEncoder",
+    "LlavaFusionModel",
     "llava_1_5",
     "lora_llava_1_5",
     "llava_1_5_7b",
@@ -158,8 +159,54 @@ class LlavaVisionEncoder(nn.Module):
         x = x[:, 0, 0]
         return x if self.keep_cls else x[:, 1:]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.image_features(images))
+    def forward(
+        self,
+        images: Optional[torch.Tensor] = None,
+        row_index: Optional[torch.Tensor] = None,
+        features: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Projected features per image, or per row when ``row_index`` maps rows to images.
+
+        Preference training scores several answers (rows) per image: with ``row_index`` the
+        tower runs once per image and its output is shared by every row that uses it.
+        ``features`` (a previous call's output) skips the tower and projector altogether,
+        e.g. for the reference pass while both are frozen.
+        """
+        if features is None:
+            if images is None:
+                raise ValueError("LlavaVisionEncoder needs images or features")
+            features = self.projector(self.image_features(images))
+        return features if row_index is None else features[row_index]
+
+
+class LlavaFusionModel(EarlyFusionModel):
+    """torchtune's ``EarlyFusionModel`` plus a check it lacks.
+
+    ``EarlyFusionModel`` scatters image features into the placeholder positions with
+    ``masked_scatter``, which silently misaligns a batch when the counts differ; here a
+    mismatch raises instead.
+    """
+
+    def forward(self, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        image_id = self.encoder_tokens["image"]
+        placeholders = int((tokens == image_id).sum())
+        image_input = (kwargs.get("encoder_input") or {}).get("image")
+        if image_input is None:
+            images = 0
+        elif image_input.get("row_index") is not None:
+            images = len(image_input["row_index"])
+        elif image_input.get("features") is not None:
+            images = image_input["features"].shape[0]
+        else:
+            images = image_input["images"].shape[0]
+        per_image = self.llava_args.num_image_tokens
+        if placeholders != images * per_image:
+            raise ValueError(
+                f"{placeholders} image placeholder tokens in the batch, but {images} image(s) x "
+                f"{per_image} features were given: each <image> must expand to {per_image} "
+                f"placeholders, one image per <image>"
+            )
+        return super().forward(tokens, **kwargs)
 
 
 def _clip_layer(embed_dim: int, num_heads: int, intermediate_dim: int, eps: float) -> nn.Module:
@@ -242,12 +289,12 @@ def _fuse(
     decoder_trainable: bool,
     projector_trainable: bool,
     vision_trainable: bool,
-) -> EarlyFusionModel:
+) -> LlavaFusionModel:
     encoder = llava_vision_encoder(args)
     # Registered as a fusion module so EarlyFusionModel's `fusion_trainable` switch governs it
     # independently of the frozen vision tower.
     register_fusion_module(encoder.projector)
-    model = EarlyFusionModel(
+    model = LlavaFusionModel(
         decoder,
         encoders={"image": encoder},
         encoder_tokens={"image": args.image_token_id},
@@ -256,7 +303,7 @@ def _fuse(
         fusion_trainable=projector_trainable,
     )
     encoder.clip_tail.requires_grad_(False)
-    model.llava_args = args  # recipes and the checkpointer read the architecture from here
+    model.llava_args = args  # recipes, checks and the checkpointer read the architecture here
     return model
 
 
@@ -280,7 +327,7 @@ def llava_1_5(
     decoder_trainable: bool = True,
     projector_trainable: bool = True,
     vision_trainable: bool = False,
-) -> EarlyFusionModel:
+) -> LlavaFusionModel:
     """LLaVA-1.5 of any size, for full fine-tuning or inference.
 
     Args:
@@ -313,7 +360,7 @@ def lora_llava_1_5(
     use_dora: bool = False,
     quantize_base: bool = False,
     projector_trainable: bool = False,
-) -> EarlyFusionModel:
+) -> LlavaFusionModel:
     """LLaVA-1.5 with LoRA (or DoRA) on the LLM's linears; QLoRA with ``quantize_base=True``.
 
     The defaults are POVID's released settings: r=128, alpha=256, dropout 0.05 on every LLM
@@ -349,32 +396,32 @@ def lora_llava_1_5(
     )
 
 
-def llava_1_5_7b(**kwargs: Any) -> EarlyFusionModel:
+def llava_1_5_7b(**kwargs: Any) -> LlavaFusionModel:
     """LLaVA-1.5-7B (llava-hf layout: vocab 32064, ``<image>`` = 32000); see :func:`llava_1_5`."""
     return llava_1_5(LLAVA_1_5_7B, **kwargs)
 
 
-def llava_1_5_13b(**kwargs: Any) -> EarlyFusionModel:
+def llava_1_5_13b(**kwargs: Any) -> LlavaFusionModel:
     """LLaVA-1.5-13B (llava-hf layout); see :func:`llava_1_5`."""
     return llava_1_5(LLAVA_1_5_13B, **kwargs)
 
 
-def lora_llava_1_5_7b(**kwargs: Any) -> EarlyFusionModel:
+def lora_llava_1_5_7b(**kwargs: Any) -> LlavaFusionModel:
     """LoRA LLaVA-1.5-7B; see :func:`lora_llava_1_5` for the knobs."""
     return lora_llava_1_5(LLAVA_1_5_7B, **kwargs)
 
 
-def lora_llava_1_5_13b(**kwargs: Any) -> EarlyFusionModel:
+def lora_llava_1_5_13b(**kwargs: Any) -> LlavaFusionModel:
     """LoRA LLaVA-1.5-13B; see :func:`lora_llava_1_5` for the knobs."""
     return lora_llava_1_5(LLAVA_1_5_13B, **kwargs)
 
 
-def qlora_llava_1_5_7b(**kwargs: Any) -> EarlyFusionModel:
+def qlora_llava_1_5_7b(**kwargs: Any) -> LlavaFusionModel:
     """QLoRA LLaVA-1.5-7B: LoRA over NF4-quantized frozen LLM linears."""
     return lora_llava_1_5(LLAVA_1_5_7B, quantize_base=True, **kwargs)
 
 
-def qlora_llava_1_5_13b(**kwargs: Any) -> EarlyFusionModel:
+def qlora_llava_1_5_13b(**kwargs: Any) -> LlavaFusionModel:
     """QLoRA LLaVA-1.5-13B: LoRA over NF4-quantized frozen LLM linears."""
     return lora_llava_1_5(LLAVA_1_5_13B, quantize_base=True, **kwargs)
 
@@ -510,13 +557,13 @@ def _read_original_llava_args(cfg: dict, path: Path, clip_dir: Optional[str | Pa
 
 def llava_from_checkpoint(
     checkpoint_dir: str | Path, clip_dir: Optional[str | Path] = None, **kwargs: Any
-) -> EarlyFusionModel:
+) -> LlavaFusionModel:
     """Full LLaVA whose architecture is read from ``checkpoint_dir/config.json``."""
     return llava_1_5(read_llava_args(checkpoint_dir, clip_dir), **kwargs)
 
 
 def lora_llava_from_checkpoint(
     checkpoint_dir: str | Path, clip_dir: Optional[str | Path] = None, **kwargs: Any
-) -> EarlyFusionModel:
+) -> LlavaFusionModel:
     """LoRA/QLoRA/DoRA LLaVA whose architecture is read from ``checkpoint_dir/config.json``."""
     return lora_llava_1_5(read_llava_args(checkpoint_dir, clip_dir), **kwargs)
