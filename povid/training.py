@@ -1,0 +1,161 @@
+"""Pieces the training recipes share and torchtune lacks for a fused vision-language model.
+
+Kept as small functions so a recipe reads top to bottom: which parameters train, how a batch of
+answer rows is scored with one vision pass, the online noise answer, FSDP2 sharding that leaves
+the (frozen) vision tower replicated, metrics to JSONL, and recipe-state files for resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Set
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torchtune.modules import TransformerSelfAttentionLayer
+from torchtune.modules.model_fusion import get_fusion_params
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+from povid.loss import sequence_logprobs
+from povid_data.transforms import IGNORE_INDEX
+
+__all__ = [
+    "is_lora_model",
+    "set_trainable",
+    "image_encoder",
+    "encode_images",
+    "row_logits",
+    "answer_token_counts",
+    "argmax_answer_labels",
+    "shard_llava",
+    "all_reduce_replicated_grads",
+    "peak_memory_gb",
+    "MetricsJsonl",
+    "latest_checkpoint",
+]
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    """Whether the model carries LoRA/DoRA adapters."""
+    return bool(get_adapter_params(model))
+
+
+def set_trainable(model: nn.Module, *, projector_trainable: bool) -> Set[str]:
+    """Freeze all but what trains; returns the names of trainable parameters.
+
+    LoRA models train their adapters (+ the projector if asked); full models train the LLM
+    (+ the projector if asked). The vision tower never trains here.
+    """
+    if is_lora_model(model):
+        names = set(get_adapter_params(model))
+    else:
+        names = {n for n, _ in model.named_parameters() if n.startswith(("decoder.", "tok_embeddings."))}
+    if projector_trainable:
+        names |= set(get_fusion_params(model))
+    set_trainable_params(model, names)
+    return names
+
+
+def image_encoder(model: nn.Module) -> nn.Module:
+    """The LLaVA vision encoder (CLIP tower + projector) of a fusion model."""
+    return model.encoders["image"]
+
+
+def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Projected image features ``[n, tokens, dim]``: the tower runs without grad (it is
+    frozen), the projector with grad if it trains."""
+    encoder = image_encoder(model)
+    with torch.no_grad():
+        clip = encoder.image_features(images)
+    return encoder.projector(clip)
+
+
+def row_logits(
+    model: nn.Module, tokens: torch.Tensor, features: torch.Tensor, row_image: torch.Tensor
+) -> torch.Tensor:
+    """Logits ``[rows, L, vocab]`` for answer rows that share per-image ``features``."""
+    encoder_input = {"image": {"features": features, "row_index": row_image}}
+    return model(tokens, encoder_input=encoder_input)
+
+
+def answer_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Scored (unmasked) tokens per row."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def argmax_answer_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Labels of the teacher-forced argmax answer: at every answer position ``t`` the token the
+    model ranks first given the prefix ``labels[<t]`` (POVID's noise answer: run on the noisy
+    image with the chosen answer as prefix). Non-answer positions stay masked."""
+    predicted = torch.full_like(labels, IGNORE_INDEX)
+    # logits at position t predict token t + 1
+    predicted[:, 1:] = logits[:, :-1].argmax(-1)
+    return torch.where(labels != IGNORE_INDEX, predicted, labels)
+
+
+def shard_llava(model: nn.Module, *, reshard_after_forward: bool = True) -> None:
+    """FSDP2: shard every LLM layer and the rest of the decoder; keep the vision encoder
+    replicated (frozen tower; a trainable projector is kept in sync by
+    :func:`all_reduce_replicated_grads`) so that it can run outside the model's forward."""
+    encoder_params = set(image_encoder(model).parameters())
+    for layer in model.decoder.layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, ignored_params=encoder_params)
+
+
+def all_reduce_replicated_grads(params: Iterable[nn.Parameter]) -> None:
+    """Average the gradients of parameters FSDP does not manage (the projector)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak, or peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+class MetricsJsonl:
+    """Append one JSON object per step to ``metrics.jsonl`` (flushed, so a crash keeps them)."""
+
+    def __init__(self, path: str | Path, resume: bool) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a" if resume else "w", encoding="utf-8")
+
+    def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        """Write ``{"step": step, **metrics}`` (tensors become floats)."""
+        row = {"step": step}
+        row.update({k: float(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The newest ``step_N`` directory holding a complete ``recipe_state.pt``."""
+    candidates: List[Path] = []
+    for path in Path(output_dir).glob("step_*"):
+        if (path / "recipe_state.pt").exists() and path.name[5:].isdigit():
+            candidates.append(path)
+    return max(candidates, key=lambda p: int(p.name[5:])) if candidates else None
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,547 @@
+"""Recipe ``povid_dpo``: POVID preference training of LLaVA-1.5 (LoRA, QLoRA, DoRA or full).
+
+One device::
+
+    tune run povid_dpo --config povid_7b_lora checkpoint_dir=llava-1.5-7b-hf data_file=prefs.jsonl
+
+Several (FSDP2; the LLM is sharded, the frozen vision tower replicated)::
+
+    tune run --nproc_per_node 8 povid_dpo --config povid_7b_full ...
+
+Per step, for a batch of preference records (clean image; chosen, text-rejected and — from the
+dataset or computed online — noise answers):
+
+1. the vision tower runs once per image; its features serve every answer row of that image,
+   in the policy pass and, while tower and projector are frozen, in the reference pass;
+2. all rows (chosen, rejected, noise) go through the LLM in one concatenated forward;
+3. the online noise answer, if configured, is the teacher-forced argmax on the noisy image
+   (fresh noise every epoch), scored on the clean image's logits of the chosen row;
+4. the reference is the same model with adapters disabled (LoRA; a frozen copy of a trainable
+   projector) or a frozen copy (full); its log-probs can be precomputed once and cached;
+5. the objective (``povid``, ``povid_reference``, ``dpo``; sigmoid/IPO/hinge) gives the loss.
+
+Checkpoints (``${output_dir}/step_N``): adapters, merged llava-hf model, recipe state;
+``resume_from_checkpoint=True`` continues from the newest one exactly.
+"""
+
+import copy
+import hashlib
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, DistributedSampler
+from torchtune import config, training, utils
+from torchtune.modules import TransformerSelfAttentionLayer
+from torchtune.modules.peft import (
+    disable_adapter,
+    get_adapter_state_dict,
+    get_merged_lora_ckpt,
+)
+from tqdm import tqdm
+
+from povid.checkpoint import LlavaCheckpointer, load_model_state
+from povid.config import parse
+from povid.loss import POVIDLoss, PreferenceLogProbs, sequence_logprobs
+from povid.training import (
+    MetricsJsonl,
+    all_reduce_replicated_grads,
+    answer_token_counts,
+    argmax_answer_labels,
+    atomic_torch_save,
+    encode_images,
+    image_encoder,
+    is_lora_model,
+    latest_checkpoint,
+    peak_memory_gb,
+    row_logits,
+    set_trainable,
+    shard_llava,
+)
+from povid_data.distort import distort_image, noise_seed
+from povid_data.preference_dataset import PreferenceDataset, collate_preferences
+from povid_data.tokenizer import LlavaTokenizer
+from povid_data.transforms import LlavaImageTransform, LlavaMessageTransform
+
+log = utils.get_logger("INFO")
+
+
+class POVIDDPORecipe:
+    """Setup, train loop, checkpoints and cleanup of POVID preference training."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.distributed = training.is_distributed()
+        if self.distributed:
+            backend = "gloo" if cfg.device == "cpu" else "nccl"
+            dist.init_process_group(backend=backend)
+        self.world_size, self.rank = utils.get_world_size_and_rank()
+        self.is_rank_zero = self.rank == 0
+        self.device = utils.get_device(cfg.device)
+        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
+        self.output_dir = Path(cfg.output_dir)
+        self.noise_source = cfg.noise.source  # dataset | online | none
+        if self.noise_source not in ("dataset", "online", "none"):
+            raise ValueError(f"noise.source must be dataset, online or none; got {self.noise_source!r}")
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_done_in_epoch = 0
+        self.last_checkpoint: Optional[Path] = None
+
+    # ------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        """Build models, data, optimizer; precompute the reference; resume if asked."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.checkpointer = LlavaCheckpointer(cfg.checkpoint_dir, self.output_dir, clip_dir=cfg.clip_dir)
+        base_state = self.checkpointer.load_checkpoint()["model"]
+
+        with training.set_default_dtype(self.dtype), self.device:
+            self.model = config.instantiate(cfg.model)
+        load_model_state(self.model, base_state, cfg.checkpoint_dir)
+        self.lora = is_lora_model(self.model)
+        for module in self.model.modules():
+            if hasattr(module, "initialize_dora_magnitude"):  # DoRA starts from ||W||
+                module.initialize_dora_magnitude()
+        self.projector_trainable = bool(cfg.get("projector_trainable", False))
+        trainable = set_trainable(self.model, projector_trainable=self.projector_trainable)
+        self.projector_params = list(image_encoder(self.model).projector.parameters())
+
+        # The reference: adapters off (LoRA) or a frozen copy (full). A trainable projector
+        # would leak into "adapters off", so the reference keeps a frozen copy of it.
+        self.ref_model = None
+        self.ref_projector = None
+        if not self.lora:
+            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        elif self.projector_trainable:
+            self.ref_projector = copy.deepcopy(image_encoder(self.model).projector).requires_grad_(False)
+
+        if cfg.enable_activation_checkpointing:
+            training.set_activation_checkpointing(
+                self.model, auto_wrap_policy={TransformerSelfAttentionLayer}
+            )
+        if self.distributed:
+            shard_llava(self.model)
+            if self.ref_model is not None:
+                shard_llava(self.ref_model)
+        if cfg.compile:
+            training.compile_model(self.model, verbose=self.is_rank_zero)
+
+        self._setup_data()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = config.instantiate(cfg.optimizer, params)
+        self.loss_fn: POVIDLoss = config.instantiate(cfg.objective)
+        if self.loss_fn.uses_noise and self.noise_source == "none":
+            log.warning("noise.source=none: the noise term of the objective is dropped")
+
+        self.steps_per_epoch = math.ceil(len(self.dataloader) / cfg.gradient_accumulation_steps)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.lr_scheduler = training.get_cosine_schedule_with_warmup(
+            self.optimizer,
+            num_warmup_steps=int(round(cfg.warmup_ratio * self.total_steps)),
+            num_training_steps=self.total_steps,
+        )
+
+        self.reference_cache = self._precompute_reference() if cfg.reference.precompute else None
+        if cfg.resume_from_checkpoint:
+            self._resume()
+        if self.is_rank_zero:
+            self.metric_logger = config.instantiate(cfg.metric_logger)
+            self.metric_logger.log_config(cfg)
+            self.metrics_file = MetricsJsonl(self.output_dir / "metrics.jsonl", resume=self.global_step > 0)
+            n_train = sum(p.numel() for n, p in self.model.named_parameters() if n in trainable)
+            log.info(
+                f"{'LoRA' if self.lora else 'full'} training, {n_train / 1e6:.2f} M trainable params, "
+                f"{len(self.dataset)} records, {self.total_steps} steps, world size {self.world_size}"
+            )
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        args = self.checkpointer.args
+        self.tokenizer = LlavaTokenizer.from_dir(cfg.checkpoint_dir)
+        messages = LlavaMessageTransform(
+            self.tokenizer, args.image_token_id, args.num_image_tokens, max_seq_len=cfg.max_seq_len
+        )
+        images = LlavaImageTransform(cfg.image_mode, size=args.image_size)
+        noise_fn = None
+        if self.noise_source == "online" or cfg.noise.condition == "noisy":
+            noise_fn = partial(self._distort, step=cfg.noise.step, overflow=cfg.noise.overflow)
+        self.dataset = PreferenceDataset(
+            cfg.data_file,
+            messages,
+            images,
+            image_dir=cfg.image_dir,
+            use_noise_answers=self.noise_source == "dataset",
+            noise_fn=noise_fn,
+        )
+        # Same shuffled order for any world size: rank r takes positions r, r + world, ...
+        self.sampler = DistributedSampler(
+            self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=cfg.seed
+        )
+        self.dataloader = DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            collate_fn=partial(collate_preferences, pad_id=args.pad_token_id),
+            num_workers=cfg.get("num_workers", 0),
+        )
+
+    def _distort(self, image, record_id: str, epoch: int, *, step: int, overflow: str):
+        # Online noise is fresh every epoch yet reproducible, so a resumed run sees the same.
+        seed = noise_seed(f"{record_id}@epoch{epoch}", self.cfg.seed)
+        return distort_image(image, step, seed=seed, overflow=overflow)
+
+    # ------------------------------------------------------------------------- forward
+
+    def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        out = dict(batch)
+        for key in ("tokens", "labels", "row_image", "row_example"):
+            out[key] = batch[key].to(self.device)
+        for key in ("images", "noisy_images"):
+            if key in batch:
+                out[key] = batch[key].to(self.device, self.dtype)
+        return out
+
+    def _policy_and_reference(self, model, features, batch, *, reference: bool) -> Dict[str, torch.Tensor]:
+        """Summed log-probs per row kind (and the online noise answer's) for one model."""
+        tokens, labels, row_image = batch["tokens"], batch["labels"], batch["row_image"]
+        logits = row_logits(model, tokens, features, row_image)
+        logps = sequence_logprobs(logits, labels)
+        kinds = batch["row_kind"]
+        out = {kind: logps[[i for i, k in enumerate(kinds) if k == kind]] for kind in set(kinds)}
+        if self.noise_source == "online" and self.loss_fn.uses_noise:
+            chosen_rows = [i for i, k in enumerate(kinds) if k == "chosen"]
+            out["noise"] = self._online_noise_logps(
+                model, logits[chosen_rows], batch, chosen_rows, reference=reference
+            )
+        return out
+
+    def _online_noise_logps(self, model, chosen_logits, batch, chosen_rows, *, reference: bool):
+        """log p(y_noise | image, y_w,<t) with y_noise the argmax on the noisy image."""
+        cfg = self.cfg.noise
+        tokens, labels = batch["tokens"][chosen_rows], batch["labels"][chosen_rows]
+        if reference and cfg.argmax == "shared":
+            noise_labels = batch["noise_labels"]
+        else:
+            with torch.no_grad():
+                noisy_features = self._features(model, batch["noisy_images"], reference=reference)
+                noisy_logits = model(tokens, encoder_input={"image": {"features": noisy_features}})
+            noise_labels = argmax_answer_labels(noisy_logits, labels)
+            if not reference:
+                batch["noise_labels"] = noise_labels
+        if cfg.condition == "noisy":
+            with torch.no_grad() if reference else nullcontext():
+                noisy_features = self._features(model, batch["noisy_images"], reference=reference)
+                chosen_logits = model(tokens, encoder_input={"image": {"features": noisy_features}})
+        return sequence_logprobs(chosen_logits, noise_labels)
+
+    def _features(self, model, images, *, reference: bool) -> torch.Tensor:
+        if not reference:
+            return encode_images(model, images)
+        if self.ref_model is not None:
+            return encode_images(self.ref_model, images)
+        with torch.no_grad():
+            features = encode_images(self.model, images) if self.ref_projector is None else (
+                self.ref_projector(image_encoder(self.model).image_features(images))
+            )
+        return features.detach()
+
+    def _reference_logps(self, batch, policy_features) -> Dict[str, torch.Tensor]:
+        if self.reference_cache is not None and not (self.noise_source == "online" and self.loss_fn.uses_noise):
+            return self._cached_reference(batch)
+        with torch.no_grad():
+            if self.ref_model is not None:
+                features = self._features(self.ref_model, batch["images"], reference=True)
+                return self._policy_and_reference(self.ref_model, features, batch, reference=True)
+            # Frozen tower and projector: the policy's image features are the reference's too.
+            features = (
+                policy_features.detach()
+                if self.ref_projector is None
+                else self._features(self.model, batch["images"], reference=True)
+            )
+            with disable_adapter(self.model):
+                return self._policy_and_reference(self.model, features, batch, reference=True)
+
+    def _cached_reference(self, batch) -> Dict[str, torch.Tensor]:
+        out: Dict[str, list] = {}
+        for kind, owner in zip(batch["row_kind"], batch["row_example"].tolist()):
+            out.setdefault(kind, []).append(self.reference_cache[batch["ids"][owner]][kind])
+        return {k: torch.tensor(v, device=self.device) for k, v in out.items()}
+
+    def _preference_logprobs(self, batch) -> PreferenceLogProbs:
+        features = encode_images(self.model, batch["images"])
+        policy = self._policy_and_reference(self.model, features, batch, reference=False)
+        ref = self._reference_logps(batch, features)
+        n = len(batch["ids"])
+        noise, ref_noise, mask = self._noise_per_example(policy, ref, batch, n)
+        chosen_rows = [i for i, k in enumerate(batch["row_kind"]) if k == "chosen"]
+        return PreferenceLogProbs(
+            chosen=policy["chosen"],
+            rejected=policy["rejected"],
+            ref_chosen=ref["chosen"],
+            ref_rejected=ref["rejected"],
+            noise=noise,
+            ref_noise=ref_noise,
+            noise_mask=mask,
+            chosen_tokens=answer_token_counts(batch["labels"][chosen_rows]),
+        )
+
+    def _noise_per_example(self, policy, ref, batch, n):
+        if "noise" not in policy:
+            return None, None, None
+        if self.noise_source == "online":
+            return policy["noise"], ref["noise"], torch.ones(n, dtype=torch.bool, device=self.device)
+        owners = batch["row_example"][[i for i, k in enumerate(batch["row_kind"]) if k == "noise"]]
+        noise = torch.zeros(n, device=self.device, dtype=policy["noise"].dtype)
+        ref_noise = torch.zeros_like(noise)
+        mask = torch.zeros(n, dtype=torch.bool, device=self.device)
+        noise = noise.index_put((owners,), policy["noise"])
+        ref_noise = ref_noise.index_put((owners,), ref["noise"].to(noise.dtype))
+        mask[owners] = True
+        return noise, ref_noise, mask
+
+    # ------------------------------------------------------------------------- reference cache
+
+    def _reference_cache_path(self) -> Path:
+        cfg = self.cfg
+        digest = hashlib.sha256()
+        digest.update(Path(cfg.data_file).read_bytes())
+        for name in sorted(p.name for p in Path(cfg.checkpoint_dir).iterdir()):
+            stat = (Path(cfg.checkpoint_dir) / name).stat()
+            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        settings = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("max_seq_len", "image_mode", "dtype")}
+        digest.update(json.dumps([settings, self.noise_source, str(self.dataset.image_dir)]).encode())
+        return self.output_dir / "reference_logps" / f"{digest.hexdigest()[:16]}.pt"
+
+    def _precompute_reference(self) -> Dict[str, Dict[str, float]]:
+        """Reference log-probs of every dataset row, computed once and cached on disk."""
+        path = self._reference_cache_path()
+        if path.exists():
+            log.info(f"Reference log-probs from cache {path}")
+            return torch.load(path)
+        cache: Dict[str, Dict[str, float]] = {}
+        loader = DataLoader(
+            torch.utils.data.Subset(self.dataset, range(self.rank, len(self.dataset), self.world_size)),
+            batch_size=self.cfg.batch_size,
+            collate_fn=self.dataloader.collate_fn,
+        )
+        for batch in tqdm(loader, desc="reference log-probs", disable=not self.is_rank_zero):
+            batch = self._to_device(batch)
+            with torch.no_grad():
+                features = encode_images(self.model, batch["images"])
+                saved, self.noise_source = self.noise_source, "dataset"  # rows of the file only
+                try:
+                    ref = self._reference_logps_uncached(batch, features)
+                finally:
+                    self.noise_source = saved
+            kinds_seen: Dict[str, int] = {}
+            for kind, owner in zip(batch["row_kind"], batch["row_example"].tolist()):
+                index = kinds_seen.get(kind, 0)
+                kinds_seen[kind] = index + 1
+                cache.setdefault(batch["ids"][owner], {})[kind] = float(ref[kind][index])
+        if self.distributed:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, cache)
+            cache = {k: v for part in gathered for k, v in part.items()}
+        if self.is_rank_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(cache, path)
+            log.info(f"Cached reference log-probs of {len(cache)} records in {path}")
+        return cache
+
+    def _reference_logps_uncached(self, batch, features):
+        cache, self.reference_cache = self.reference_cache, None
+        try:
+            return self._reference_logps(batch, features)
+        finally:
+            self.reference_cache = cache
+
+    # ------------------------------------------------------------------------- train
+
+    def train(self) -> None:
+        """The training loop: accumulate, clip, step, log, checkpoint, guard against NaN."""
+        cfg = self.cfg
+        accumulation = cfg.gradient_accumulation_steps
+        bar = tqdm(
+            total=self.total_steps, initial=self.global_step, desc="povid_dpo", disable=not self.is_rank_zero
+        )
+        self.model.train()
+        while self.global_step < self.total_steps and self.epoch < cfg.epochs:
+            self.sampler.set_epoch(self.epoch)
+            self.dataset.set_epoch(self.epoch)
+            step_start, tokens_seen, sums = time.perf_counter(), 0, {}
+            for index, batch in enumerate(self.dataloader):
+                if index < self.batches_done_in_epoch:
+                    continue  # resumed: these batches were consumed before the stop
+                batch = self._to_device(batch)
+                loss = self.loss_fn(self._preference_logprobs(batch)) / accumulation
+                self._check_finite(loss, "loss")
+                loss.backward()
+                for key, value in self.loss_fn.metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) / accumulation
+                tokens_seen += int((batch["labels"] != -100).sum())
+                self.batches_done_in_epoch = index + 1
+                last_in_epoch = index + 1 == len(self.dataloader)
+                if self.batches_done_in_epoch % accumulation and not last_in_epoch:
+                    continue
+                all_reduce_replicated_grads(p for p in self.projector_params if p.requires_grad)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], max_norm=cfg.clip_grad_norm
+                )
+                self._check_finite(torch.as_tensor(grad_norm), "gradient norm")
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.lr_scheduler.step()
+                self.global_step += 1
+                elapsed = time.perf_counter() - step_start
+                sums.update(
+                    lr=self.optimizer.param_groups[0]["lr"],
+                    grad_norm=float(grad_norm),
+                    tokens_per_second=tokens_seen * self.world_size / max(elapsed, 1e-9),
+                    peak_memory_gb=peak_memory_gb(self.device),
+                )
+                self._log(sums)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['rewards/accuracy']:.2f}")
+                step_start, tokens_seen, sums = time.perf_counter(), 0, {}
+                if last_in_epoch:
+                    self.epoch += 1
+                    self.batches_done_in_epoch = 0
+                if self.global_step >= self.total_steps:
+                    break
+                if cfg.save_every_n_steps and self.global_step % cfg.save_every_n_steps == 0:
+                    self.save_checkpoint()
+                if last_in_epoch:
+                    self.save_checkpoint()
+                    break
+        bar.close()
+        self.save_checkpoint(final=True)
+
+    def _check_finite(self, value: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(value).all():
+            where = self.last_checkpoint or "none saved yet"
+            raise FloatingPointError(
+                f"non-finite {what} at step {self.global_step + 1} (epoch {self.epoch}); training "
+                f"stopped before the update. Last good checkpoint: {where}. Lower the learning rate "
+                f"or use fp32/bf16 instead of fp16."
+            )
+
+    def _log(self, metrics: Dict[str, float]) -> None:
+        if self.distributed:
+            values = torch.tensor(list(metrics.values()), dtype=torch.float64)
+            dist.all_reduce(values, op=dist.ReduceOp.AVG)
+            metrics = dict(zip(metrics, values.tolist()))
+        if self.is_rank_zero:
+            self.metrics_file.log(self.global_step, metrics)
+            if self.global_step % self.cfg.log_every_n_steps == 0:
+                self.metric_logger.log_dict(metrics, step=self.global_step)
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def _full_state(self, adapters_only: bool = False) -> Dict[str, torch.Tensor]:
+        if self.distributed:
+            state = training.gather_cpu_state_dict(self.model, self.is_rank_zero, adapter_weights_only=adapters_only)
+        else:
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            if adapters_only:
+                state = get_adapter_state_dict(state)
+        return state
+
+    def save_checkpoint(self, final: bool = False) -> None:
+        """Write ``step_N/``: adapters (LoRA), merged llava-hf model, and the recipe state."""
+        step_dir = self.output_dir / f"step_{self.global_step}"
+        if self.last_checkpoint == step_dir:
+            return
+        cfg = self.cfg
+        state = self._full_state()
+        if self.distributed:
+            optimizer_state = training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero)
+        else:
+            optimizer_state = self.optimizer.state_dict()
+        if self.is_rank_zero:
+            trainable = {k: v for k, v in state.items() if "lora_" in k or ".magnitude" in k}
+            if self.projector_trainable:
+                trainable.update({k: v for k, v in state.items() if ".projector." in k})
+            if self.lora:
+                self.checkpointer.save_adapter(
+                    trainable, step_dir / "adapter", OmegaConf.to_container(cfg.get("adapter_config", {})) or {}
+                )
+            if cfg.save_merged or final or not self.lora:
+                merged = get_merged_lora_ckpt(
+                    {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()},
+                    rank=cfg.model.get("lora_rank", 8),
+                    alpha=cfg.model.get("lora_alpha", 16),
+                ) if self.lora else state
+                self.checkpointer.save_checkpoint(merged, name=f"{step_dir.name}/model")
+            recipe_state = {
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "batches_done_in_epoch": self.batches_done_in_epoch,
+                "optimizer": optimizer_state,
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "trainable": trainable if self.lora else None,
+                "seed": cfg.seed,
+                "world_size": self.world_size,
+            }
+            atomic_torch_save(recipe_state, step_dir / "recipe_state.pt")
+            log.info(f"Saved checkpoint {step_dir}")
+        if self.distributed:
+            dist.barrier()
+        self.last_checkpoint = step_dir
+
+    def _resume(self) -> None:
+        step_dir = latest_checkpoint(self.output_dir)
+        if step_dir is None:
+            log.info(f"resume_from_checkpoint: no checkpoint in {self.output_dir}, starting fresh")
+            return
+        state = torch.load(step_dir / "recipe_state.pt", weights_only=False)
+        if self.lora:
+            self.model.load_state_dict(state["trainable"], strict=False)
+        else:
+            weights = LlavaCheckpointer(step_dir / "model").load_checkpoint()["model"]
+            if self.distributed:
+                training.load_from_full_model_state_dict(self.model, weights, self.device, strict=True)
+            else:
+                load_model_state(self.model, weights, step_dir / "model")
+        if self.distributed:
+            training.load_from_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self.device)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.batches_done_in_epoch = state["batches_done_in_epoch"]
+        self.last_checkpoint = step_dir
+        log.info(f"Resumed from {step_dir} at step {self.global_step}")
+
+    def cleanup(self) -> None:
+        """Close loggers and the process group."""
+        if self.is_rank_zero:
+            self.metric_logger.close()
+            self.metrics_file.close()
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+@parse
+def main(cfg: DictConfig) -> None:
+    """Entry point for ``tune run povid_dpo --config <config>``."""
+    recipe = POVIDDPORecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
