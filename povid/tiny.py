@@ -33,17 +33,19 @@ TINY_CORPUS = [
 
 
 def tiny_llava_args(vocab_size: int, **overrides: object) -> LlavaArgs:
-    """A LLaVA-1.5-shaped architecture of ~0.3 M parameters (32 px images, 16 image tokens).
+    """A LLaVA-1.5-shaped architecture of ~0.5 M parameters (32 px images, 16 image tokens).
 
     The ``<image>`` id is the first id after the tokenizer's pieces, as in llava-hf (32000).
     """
     fields = dict(
         vocab_size=vocab_size + 2,  # + <image>, <pad>, like llava-hf's 32000 + 2
-        embed_dim=64,
+        # 128 x 128 and 128 x 256 weights: the smallest that torchao's NF4 (blocks of 64,
+        # scalers in blocks of 256) can quantize, so the QLoRA path runs on this model too.
+        embed_dim=128,
         num_layers=2,
         num_heads=4,
         num_kv_heads=4,
-        intermediate_dim=128,
+        intermediate_dim=256,
         max_seq_len=512,
         vision_embed_dim=32,
         vision_num_layers=3,

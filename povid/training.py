@@ -34,6 +34,7 @@ __all__ = [
     "argmax_answer_labels",
     "shard_llava",
     "all_reduce_replicated_grads",
+    "clip_grad_norm",
     "peak_memory_gb",
     "MetricsJsonl",
     "latest_checkpoint",
@@ -117,6 +118,28 @@ def all_reduce_replicated_grads(params: Iterable[nn.Parameter]) -> None:
             dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
 
 
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of FSDP-sharded (DTensor) and replicated gradients alike.
+
+    ``torch.nn.utils.clip_grad_norm_`` refuses a mix of the two, which is what
+    :func:`shard_llava` leaves when the projector trains. Returns the norm before clipping.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    squares = []
+    for grad in grads:
+        norm = torch.linalg.vector_norm(grad.float())
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    total = torch.stack(squares).sum().sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+    return total
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak, or peak RSS on CPU."""
     if device.type == "cuda":
@@ -125,12 +148,25 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class MetricsJsonl:
-    """Append one JSON object per step to ``metrics.jsonl`` (flushed, so a crash keeps them)."""
+    """Append one JSON object per step to ``metrics.jsonl`` (flushed, so a crash keeps them).
 
-    def __init__(self, path: str | Path, resume: bool) -> None:
+    ``resume_step`` > 0 keeps the rows up to that step and drops later ones, which a run that
+    stopped between two checkpoints logged but will now redo.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int = 0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a" if resume else "w", encoding="utf-8")
+        kept = []
+        if resume_step > 0 and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line + "\n")
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut short by the crash
+        self.path.write_text("".join(kept), encoding="utf-8")
+        self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         """Write ``{"step": step, **metrics}`` (tensors become floats)."""

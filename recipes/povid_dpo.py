@@ -57,6 +57,7 @@ from povid.training import (
     answer_token_counts,
     argmax_answer_labels,
     atomic_torch_save,
+    clip_grad_norm,
     encode_images,
     image_encoder,
     is_lora_model,
@@ -95,6 +96,7 @@ class POVIDDPORecipe:
         self.epoch = 0
         self.batches_done_in_epoch = 0
         self.last_checkpoint: Optional[Path] = None
+        self.reference_cache: Optional[Dict[str, Dict[str, float]]] = None
 
     # ------------------------------------------------------------------------------- setup
 
@@ -140,6 +142,7 @@ class POVIDDPORecipe:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, params)
         self.loss_fn: POVIDLoss = config.instantiate(cfg.objective)
+        self.online_noise = self.noise_source == "online" and self.loss_fn.uses_noise
         if self.loss_fn.uses_noise and self.noise_source == "none":
             log.warning("noise.source=none: the noise term of the objective is dropped")
 
@@ -159,7 +162,7 @@ class POVIDDPORecipe:
         if self.is_rank_zero:
             self.metric_logger = config.instantiate(cfg.metric_logger)
             self.metric_logger.log_config(cfg)
-            self.metrics_file = MetricsJsonl(self.output_dir / "metrics.jsonl", resume=self.global_step > 0)
+            self.metrics_file = MetricsJsonl(self.output_dir / "metrics.jsonl", self.global_step)
             n_train = sum(p.numel() for n, p in self.model.named_parameters() if n in trainable)
             log.info(
                 f"{'LoRA' if self.lora else 'full'} training, {n_train / 1e6:.2f} M trainable params, "
@@ -213,14 +216,16 @@ class POVIDDPORecipe:
                 out[key] = batch[key].to(self.device, self.dtype)
         return out
 
-    def _policy_and_reference(self, model, features, batch, *, reference: bool) -> Dict[str, torch.Tensor]:
+    def _row_logps(
+        self, model, features, batch, *, reference: bool, online_noise: bool
+    ) -> Dict[str, torch.Tensor]:
         """Summed log-probs per row kind (and the online noise answer's) for one model."""
         tokens, labels, row_image = batch["tokens"], batch["labels"], batch["row_image"]
         logits = row_logits(model, tokens, features, row_image)
         logps = sequence_logprobs(logits, labels)
         kinds = batch["row_kind"]
         out = {kind: logps[[i for i, k in enumerate(kinds) if k == kind]] for kind in set(kinds)}
-        if self.noise_source == "online" and self.loss_fn.uses_noise:
+        if online_noise:
             chosen_rows = [i for i, k in enumerate(kinds) if k == "chosen"]
             out["noise"] = self._online_noise_logps(
                 model, logits[chosen_rows], batch, chosen_rows, reference=reference
@@ -257,13 +262,18 @@ class POVIDDPORecipe:
             )
         return features.detach()
 
-    def _reference_logps(self, batch, policy_features) -> Dict[str, torch.Tensor]:
-        if self.reference_cache is not None and not (self.noise_source == "online" and self.loss_fn.uses_noise):
+    def _reference_logps(
+        self, batch, policy_features, *, online_noise: bool, use_cache: bool = True
+    ) -> Dict[str, torch.Tensor]:
+        # Online noise answers change every step, so a cache can only serve the file's rows.
+        if use_cache and self.reference_cache is not None and not online_noise:
             return self._cached_reference(batch)
         with torch.no_grad():
             if self.ref_model is not None:
                 features = self._features(self.ref_model, batch["images"], reference=True)
-                return self._policy_and_reference(self.ref_model, features, batch, reference=True)
+                return self._row_logps(
+                    self.ref_model, features, batch, reference=True, online_noise=online_noise
+                )
             # Frozen tower and projector: the policy's image features are the reference's too.
             features = (
                 policy_features.detach()
@@ -271,7 +281,9 @@ class POVIDDPORecipe:
                 else self._features(self.model, batch["images"], reference=True)
             )
             with disable_adapter(self.model):
-                return self._policy_and_reference(self.model, features, batch, reference=True)
+                return self._row_logps(
+                    self.model, features, batch, reference=True, online_noise=online_noise
+                )
 
     def _cached_reference(self, batch) -> Dict[str, torch.Tensor]:
         out: Dict[str, list] = {}
@@ -281,8 +293,10 @@ class POVIDDPORecipe:
 
     def _preference_logprobs(self, batch) -> PreferenceLogProbs:
         features = encode_images(self.model, batch["images"])
-        policy = self._policy_and_reference(self.model, features, batch, reference=False)
-        ref = self._reference_logps(batch, features)
+        policy = self._row_logps(
+            self.model, features, batch, reference=False, online_noise=self.online_noise
+        )
+        ref = self._reference_logps(batch, features, online_noise=self.online_noise)
         n = len(batch["ids"])
         noise, ref_noise, mask = self._noise_per_example(policy, ref, batch, n)
         chosen_rows = [i for i, k in enumerate(batch["row_kind"]) if k == "chosen"]
@@ -340,11 +354,7 @@ class POVIDDPORecipe:
             batch = self._to_device(batch)
             with torch.no_grad():
                 features = encode_images(self.model, batch["images"])
-                saved, self.noise_source = self.noise_source, "dataset"  # rows of the file only
-                try:
-                    ref = self._reference_logps_uncached(batch, features)
-                finally:
-                    self.noise_source = saved
+                ref = self._reference_logps(batch, features, online_noise=False, use_cache=False)
             kinds_seen: Dict[str, int] = {}
             for kind, owner in zip(batch["row_kind"], batch["row_example"].tolist()):
                 index = kinds_seen.get(kind, 0)
@@ -359,13 +369,6 @@ class POVIDDPORecipe:
             atomic_torch_save(cache, path)
             log.info(f"Cached reference log-probs of {len(cache)} records in {path}")
         return cache
-
-    def _reference_logps_uncached(self, batch, features):
-        cache, self.reference_cache = self.reference_cache, None
-        try:
-            return self._reference_logps(batch, features)
-        finally:
-            self.reference_cache = cache
 
     # ------------------------------------------------------------------------- train
 
@@ -396,10 +399,10 @@ class POVIDDPORecipe:
                 if self.batches_done_in_epoch % accumulation and not last_in_epoch:
                     continue
                 all_reduce_replicated_grads(p for p in self.projector_params if p.requires_grad)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad], max_norm=cfg.clip_grad_norm
+                grad_norm = clip_grad_norm(
+                    [p for p in self.model.parameters() if p.requires_grad], cfg.clip_grad_norm
                 )
-                self._check_finite(torch.as_tensor(grad_norm), "gradient norm")
+                self._check_finite(grad_norm, "gradient norm")
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.lr_scheduler.step()
@@ -439,9 +442,11 @@ class POVIDDPORecipe:
 
     def _log(self, metrics: Dict[str, float]) -> None:
         if self.distributed:
-            values = torch.tensor(list(metrics.values()), dtype=torch.float64)
-            dist.all_reduce(values, op=dist.ReduceOp.AVG)
-            metrics = dict(zip(metrics, values.tolist()))
+            # Ranks may report different keys (a noise term only where a batch had noise rows).
+            parts = [None] * self.world_size
+            dist.all_gather_object(parts, metrics)
+            keys = dict.fromkeys(k for part in parts for k in part)
+            metrics = {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}
         if self.is_rank_zero:
             self.metrics_file.log(self.global_step, metrics)
             if self.global_step % self.cfg.log_every_n_steps == 0:
@@ -453,7 +458,8 @@ class POVIDDPORecipe:
         if self.distributed:
             state = training.gather_cpu_state_dict(self.model, self.is_rank_zero, adapter_weights_only=adapters_only)
         else:
-            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            # A copy even on CPU: merging LoRA below adds to the base weights in place.
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             if adapters_only:
                 state = get_adapter_state_dict(state)
         return state

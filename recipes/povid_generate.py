@@ -27,12 +27,11 @@ from omegaconf import DictConfig
 from torchtune import training, utils
 from tqdm import tqdm
 
-from povid.checkpoint import load_llava
+from povid.answering import LlavaAnswerer, question_turns
 from povid.config import parse
-from povid.generation import SamplingParams, generate, quantize_for_inference
+from povid.generation import SamplingParams
 from povid_data.jsonl import ResumableJsonlWriter, read_records, require_field
-from povid_data.tokenizer import LlavaTokenizer
-from povid_data.transforms import LlavaImageTransform, LlavaMessageTransform, load_image
+from povid_data.transforms import load_image
 
 log = utils.get_logger("INFO")
 
@@ -53,23 +52,20 @@ class GenerateRecipe:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
 
     def setup(self) -> None:
-        """Load model, tokenizer and transforms."""
+        """Load model, tokenizer and transforms (the answerer shared with other recipes)."""
         cfg = self.cfg
         start = time.perf_counter()
-        self.model = load_llava(
-            cfg.checkpoint_dir, clip_dir=cfg.clip_dir, device=self.device, dtype=self.dtype
+        self.answerer = LlavaAnswerer.from_checkpoint(
+            cfg.checkpoint_dir,
+            params=self.params,
+            clip_dir=cfg.clip_dir,
+            device=self.device,
+            dtype=self.dtype,
+            quantization=cfg.quantization,
+            image_mode=cfg.image_mode,
+            generator=self.generator,
         )
-        self.model = quantize_for_inference(self.model, cfg.quantization)
-        args = self.model.llava_args
-        self.tokenizer = LlavaTokenizer.from_dir(cfg.checkpoint_dir)
-        self.messages = LlavaMessageTransform(
-            self.tokenizer,
-            image_token_id=args.image_token_id,
-            num_image_tokens=args.num_image_tokens,
-            # Room for the answer: a prompt that leaves none is an error, not a silent cut.
-            max_seq_len=args.max_seq_len - cfg.max_new_tokens,
-        )
-        self.images = LlavaImageTransform(cfg.image_mode, size=args.image_size)
+        self.model = self.answerer.model
         log.info(
             f"Loaded {cfg.checkpoint_dir} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f} M "
             f"parameters, {self.dtype}, {self.device}) in {time.perf_counter() - start:.1f} s"
@@ -77,33 +73,15 @@ class GenerateRecipe:
 
     def answer(self, batch: List[Dict[str, Any]], source: str) -> List[str]:
         """Answers for records with ``image`` (a path) and ``prompt``."""
-        prompts, pixels = [], []
-        for record in batch:
-            where = f"{source}: record id={record['id']!r}"
-            prompts.append(
-                self.messages.tokenize(
-                    [{"from": "human", "value": f"<image>\n{record['prompt']}"}],
-                    add_generation_prompt=True,
-                    source=where,
-                    num_images=1,
-                )[0]
-            )
+        wheres = [f"{source}: record id={record['id']!r}" for record in batch]
+        images = []
+        for record, where in zip(batch, wheres):
             try:
-                image = load_image(record["image"])
+                images.append(load_image(record["image"]))
             except (FileNotFoundError, ValueError) as e:
                 raise type(e)(f"{where}: field 'image': {e}") from None
-            pixels.append(self.images(image))
-        outputs = generate(
-            self.model,
-            prompts,
-            torch.stack(pixels),
-            params=self.params,
-            eos_id=self.tokenizer.eos_id,
-            pad_id=self.model.llava_args.pad_token_id,
-            image_token_id=self.model.llava_args.image_token_id,
-            generator=self.generator,
-        )
-        return [self.tokenizer.decode(ids).strip() for ids in outputs]
+        turns = [question_turns(record["prompt"]) for record in batch]
+        return self.answerer.answer(turns, images, wheres)
 
     def run_single(self) -> str:
         """Answer ``cfg.image`` with ``cfg.prompt`` and print the answer."""
@@ -156,7 +134,7 @@ class GenerateRecipe:
 
     def cleanup(self) -> None:
         """Free the model."""
-        del self.model
+        del self.model, self.answerer
 
 
 @parse
