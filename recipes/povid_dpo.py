@@ -467,7 +467,9 @@ class POVIDDPORecipe:
     def save_checkpoint(self, final: bool = False) -> None:
         """Write ``step_N/``: adapters (LoRA), merged llava-hf model, and the recipe state."""
         step_dir = self.output_dir / f"step_{self.global_step}"
-        if self.last_checkpoint == step_dir:
+        if self.last_checkpoint == step_dir and (not final or (step_dir / "model").exists()):
+            if final and self.is_rank_zero:
+                self._link_final(step_dir)
             return
         cfg = self.cfg
         state = self._full_state()
@@ -501,10 +503,18 @@ class POVIDDPORecipe:
                 "world_size": self.world_size,
             }
             atomic_torch_save(recipe_state, step_dir / "recipe_state.pt")
+            if final:
+                self._link_final(step_dir)
             log.info(f"Saved checkpoint {step_dir}")
         if self.distributed:
             dist.barrier()
         self.last_checkpoint = step_dir
+
+    def _link_final(self, step_dir: Path) -> None:
+        # A stable name for what comes next (stage 2, evaluation): final -> step_N.
+        link = self.output_dir / "final"
+        link.unlink(missing_ok=True)
+        link.symlink_to(step_dir.name)
 
     def _resume(self) -> None:
         step_dir = latest_checkpoint(self.output_dir)

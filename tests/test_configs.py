@@ -1,0 +1,45 @@
+"""Every shipped training config: required top-level keys, and the 7B/13B models build (on meta)."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torchtune import config as tt_config
+
+from povid.checkpoint import llava_hf_config
+from povid.config import RECIPES, resolve_config
+from povid.model import LLAVA_1_5_13B, LLAVA_1_5_7B
+
+TRAINING_KEYS = {"checkpoint_dir", "data_file", "image_dir", "output_dir", "max_steps", "batch_size", "seed"}
+BASE_PARAMS = {"7b": 7_063_427_072, "13b": 13_351_494_656}
+
+
+@pytest.mark.parametrize("name", RECIPES["povid_dpo"])
+def test_training_configs_have_override_keys_and_a_valid_objective(name):
+    cfg = OmegaConf.load(resolve_config(name))
+    assert TRAINING_KEYS <= set(cfg), TRAINING_KEYS - set(cfg)
+    loss = tt_config.instantiate(cfg.objective)
+    assert loss.objective in ("povid", "povid_reference", "dpo")
+    assert cfg.noise.source in ("dataset", "online", "none")
+
+
+@pytest.mark.parametrize("name", [n for n in RECIPES["povid_dpo"] if "tiny" not in n])
+def test_large_configs_build_on_meta_with_exact_base_size(tmp_path, name):
+    size = "13b" if "13b" in name else "7b"
+    args = LLAVA_1_5_13B if size == "13b" else LLAVA_1_5_7B
+    (tmp_path / "config.json").write_text(json.dumps(llava_hf_config(args, torch.bfloat16)))
+    cfg = OmegaConf.load(resolve_config(name))
+    cfg.checkpoint_dir = str(tmp_path)
+    with torch.device("meta"):
+        model = tt_config.instantiate(cfg.model)
+    names = dict(model.named_parameters())
+    base = sum(p.numel() for n, p in names.items() if "lora_" not in n and "magnitude" not in n)
+    assert base == BASE_PARAMS[size]
+    adapters = [n for n in names if "lora_" in n]
+    if "full" in name:
+        assert not adapters
+    else:
+        # r = 128 on q, k, v, o and the three MLP linears of every layer (POVID's setting)
+        assert len(adapters) == 2 * 7 * args.num_layers
+        assert names[adapters[0]].shape[0] in (128, args.embed_dim)
