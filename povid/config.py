@@ -32,7 +32,9 @@ CONFIG_SUFFIX = ".yaml"
 # Adding a recipe is one line here, plus its module in pyproject's `py-modules`.
 RECIPES: dict[str, list[str]] = {
     "povid_generate": ["llava_generate"],
+    "povid_eval": ["eval_chair_coco", "eval_pope_coco"],
     "povid_distort": ["povid_distort"],
+    "povid_hallucinate": ["povid_hallucinate_openai", "povid_hallucinate_rules"],
     "povid_dpo": [
         "povid_tiny_lora", "povid_tiny_qlora", "povid_tiny_full",
         "povid_7b_lora", "povid_7b_qlora", "povid_7b_full", "povid_13b_lora",

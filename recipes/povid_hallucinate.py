@@ -1,0 +1,387 @@
+"""Recipe ``povid_hallucinate``: POVID stage 1, hallucinated rewrites of ground-truth answers.
+
+For every record (image, instruction, ground-truth answer) the last answer is rewritten so that
+it contains plausible hallucinations (objects that co-occur with what is there, wrong
+relationships, wrong attributes; corrupted steps for reasoning answers). The ground truth is
+POVID's preferred answer, the rewrite the dispreferred one. Two backends:
+
+- ``openai`` (config ``povid_hallucinate_openai``): any OpenAI-compatible chat endpoint (a
+  GPT-4o-class model by default; vLLM and other servers through ``client.base_url``), image sent
+  as a data URL. Async requests under a concurrency limit, our own retries (backoff with
+  jitter, ``Retry-After`` honoured), a request budget, every answer validated.
+- ``rules`` (config ``povid_hallucinate_rules``): offline and deterministic given ``seed``:
+  object additions and swaps from a co-occurrence table built from the input data, attribute,
+  count, position and reasoning-word changes, each reported.
+
+Output: ``${output_dir}/preferences.jsonl``, one line per record: the input record unchanged
+plus ``rejected_conversations`` and ``povid_meta.stage1`` (backend, model, seed, kinds, edits,
+usage). Records with no usable rewrite go to ``${output_dir}/rejects.jsonl`` with the reason.
+Both are appended in batches and fsynced; a rerun skips every id in either file, so a killed run
+resumes where it stopped (``retry_rejects=true`` gives rejected ids another try).
+
+Run::
+
+    export OPENAI_API_KEY=...
+    tune run povid_hallucinate --config povid_hallucinate_openai \\
+        data_file=detail_23k.json image_dir=coco/train2014 output_dir=out/stage1
+    tune run povid_hallucinate --config povid_hallucinate_rules data_file=... output_dir=...
+
+``dry_run=true`` prints the first requests (or rewrites) and sends nothing. The exit status is 1
+when the run stopped before every record was done (budget spent, endpoint failing).
+"""
+
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import openai
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from povid.config import parse
+from povid_data.hallucinate import (
+    DEFAULT_REFUSAL_PATTERNS,
+    Outcome,
+    Usage,
+    ValidationRules,
+    check_rewrite,
+    preference_record,
+    reject_record,
+)
+from povid_data.hallucinate_openai import (
+    FatalAPIError,
+    OpenAIHallucinator,
+    PromptTemplates,
+    RequestBudget,
+    RetryPolicy,
+)
+from povid_data.hallucinate_rules import CooccurrenceTable, ObjectVocabulary, RulesHallucinator
+from povid_data.jsonl import ResumableJsonlWriter
+from povid_data.records import CHOSEN, question_and_answer, read_llava_records, resolve_image
+
+# Names the rules backend in povid_meta; bump when the rules change what they produce.
+RULES_MODEL = "povid-rules-1"
+
+
+def _turn_text(turn: Dict[str, Any]) -> str:
+    return str(turn.get("value", turn.get("content", "")))
+
+
+@dataclass
+class Summary:
+    """What a run did."""
+
+    written: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    pending: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    usage: Usage = field(default_factory=Usage)
+    stop_reason: Optional[str] = None
+
+
+class HallucinateRecipe:
+    """Reads the records, builds the backend, rewrites every pending record, writes results."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        if cfg.backend not in ("openai", "rules"):
+            raise ValueError(f"backend must be 'openai' or 'rules', got {cfg.backend!r}")
+        self.cfg = cfg
+        self.backend = cfg.backend
+        self.summary = Summary()
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Read and check every record (before any output is touched), build the backend."""
+        cfg = self.cfg
+        if not cfg.data_file:
+            raise ValueError("povid_hallucinate needs data_file=RECORDS (JSON list or JSONL)")
+        # Every record is validated here: a bad one stops the run before anything is written,
+        # with an error naming the file, the record id and the field.
+        all_records, self.source = read_llava_records(cfg.data_file, require=(CHOSEN,))
+        self.records = all_records[: cfg.limit] if cfg.limit else all_records
+        self.image_dir = Path(cfg.image_dir) if cfg.image_dir else Path(str(cfg.data_file)).parent
+        self.validation = ValidationRules(
+            min_length_ratio=cfg.validation.min_length_ratio,
+            max_length_ratio=cfg.validation.max_length_ratio,
+            length_slack_chars=cfg.validation.length_slack_chars,
+            refusal_patterns=list(cfg.validation.refusal_patterns or DEFAULT_REFUSAL_PATTERNS),
+        )
+        if self.backend == "rules":
+            vocabulary = ObjectVocabulary()
+            # Counted over the whole file, not just `limit` or the pending records, so that a
+            # rerun or a partial run makes exactly the same choices.
+            table = CooccurrenceTable.from_texts(
+                (" ".join(_turn_text(t) for t in r[CHOSEN][1::2]) for r in all_records), vocabulary
+            )
+            self.rules = RulesHallucinator(
+                table,
+                seed=cfg.seed,
+                kinds=list(cfg.rules.kinds),
+                max_edits=cfg.rules.max_edits,
+                top_companions=cfg.rules.top_companions,
+                addition_templates=list(cfg.rules.addition_templates),
+                vocabulary=vocabulary,
+            )
+        else:
+            self._setup_openai()
+
+    def _setup_openai(self) -> None:
+        cfg, client = self.cfg, self.cfg.client
+        if client.send_image:
+            # Missing images fail now, not after hours of paid requests.
+            self.images = {str(r["id"]): resolve_image(r, self.image_dir, self.source) for r in self.records}
+        else:
+            self.images = {}
+        self.api_key = "EMPTY"  # servers without authentication (a local vLLM) accept anything
+        if client.api_key_env:
+            self.api_key = os.environ.get(client.api_key_env, "")
+            if not self.api_key and not cfg.dry_run:
+                raise ValueError(
+                    f"client.api_key_env: environment variable {client.api_key_env} is not set "
+                    "(set it, or client.api_key_env=null for a server without authentication)"
+                )
+        # Unset (null) parameters are left out: the server's defaults apply.
+        params = {k: v for k, v in {"max_tokens": client.max_tokens, "temperature": client.temperature}.items()
+                  if v is not None}  # fmt: skip
+        if client.send_seed and cfg.seed is not None:
+            params["seed"] = cfg.seed
+        if client.extra_body:
+            params["extra_body"] = OmegaConf.to_container(client.extra_body, resolve=True)
+        self.prompts = PromptTemplates(
+            system=cfg.prompts.system,
+            description=cfg.prompts.description,
+            reasoning=cfg.prompts.reasoning,
+            reasoning_detection=cfg.prompts.reasoning_detection,
+        )
+        self.budget = RequestBudget(cfg.max_requests)
+        self.retry = RetryPolicy(
+            max_attempts=cfg.retry.max_attempts,
+            backoff_base=cfg.retry.backoff_base,
+            backoff_max=cfg.retry.backoff_max,
+            max_retry_after=cfg.retry.max_retry_after,
+        )
+        self.request_params = params
+
+    # ---- run --------------------------------------------------------------------------------
+
+    def run(self) -> Summary:
+        """Rewrite every pending record; print a summary. Returns it."""
+        if self.cfg.dry_run:
+            self._dry_run()
+            return self.summary
+        cfg = self.cfg
+        if cfg.retry_rejects and Path(cfg.rejects_file).exists():
+            self._move_rejects_aside(Path(cfg.rejects_file))
+        self.out = ResumableJsonlWriter(cfg.output_file)
+        self.rejects = ResumableJsonlWriter(cfg.rejects_file)
+        done = self.out.done | self.rejects.done
+        todo = [r for r in self.records if str(r["id"]) not in done]
+        self.summary.skipped = len(self.records) - len(todo)
+        self._buffers: Dict[str, List[Dict[str, Any]]] = {"out": [], "rejects": []}
+        self._last_flush = time.monotonic()
+        self.bar = tqdm(total=len(self.records), initial=self.summary.skipped, desc=f"hallucinate[{self.backend}]")
+        try:
+            asyncio.run(self._process(todo))
+        finally:
+            # Whatever ended the run (done, stopped, an exception), finished work reaches disk.
+            self._flush()
+            self.bar.close()
+        self.summary.pending = len(self.records) - self.summary.skipped - self.summary.written - self.summary.rejected
+        self._print_summary()
+        return self.summary
+
+    @staticmethod
+    def _move_rejects_aside(path: Path) -> None:
+        """Rename the rejects file (never over an older one) so that its ids are pending again."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside, n = path.with_suffix(f".{stamp}.jsonl"), 1
+        while aside.exists():
+            aside, n = path.with_suffix(f".{stamp}-{n}.jsonl"), n + 1
+        path.rename(aside)
+        print(f"retry_rejects: moved {path} to {aside}; its ids are tried again")
+
+    async def _process(self, todo: List[Dict[str, Any]]) -> None:
+        """Run ``concurrency`` workers over ``todo``; each record is taken by exactly one."""
+        if self.backend == "openai":
+            client = openai.AsyncOpenAI(
+                api_key=self.api_key,
+                base_url=self.cfg.client.base_url or None,
+                timeout=self.cfg.client.timeout,
+                max_retries=0,  # our retries: they count against the budget and share Retry-After
+            )
+            self.hallucinator = OpenAIHallucinator(
+                client,
+                model=self.cfg.client.model,
+                prompts=self.prompts,
+                validation=self.validation,
+                retry=self.retry,
+                budget=self.budget,
+                send_image=self.cfg.client.send_image,
+                image_detail=self.cfg.client.image_detail,
+                request_params=self.request_params,
+                rng=random.Random(self.cfg.seed),
+            )
+        pending = iter(todo)
+
+        async def worker() -> None:
+            for record in pending:
+                if self.summary.stop_reason:
+                    return  # the record taken stays pending for a rerun
+                outcome = await self._outcome(record)
+                self._collect(record, outcome)
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(max(1, self.cfg.concurrency))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            if self.backend == "openai":
+                await client.close()
+
+    async def _outcome(self, record: Dict[str, Any]) -> Outcome:
+        question, answer = question_and_answer(record)
+        if self.backend == "rules":
+            return self._rules_outcome(record, answer)
+        outcome = await self.hallucinator.rewrite(question, answer, self.images.get(str(record["id"])))
+        if outcome.status == "stopped":
+            self.summary.stop_reason = outcome.reason
+        return outcome
+
+    def _rules_outcome(self, record: Dict[str, Any], answer: str) -> Outcome:
+        # Everything in the conversation but the answer being rewritten: injected objects must
+        # be absent from all of it.
+        context = "\n".join(_turn_text(t) for t in record[CHOSEN][:-1])
+        rewrite = self.rules.rewrite(str(record["id"]), answer, context)
+        meta = {"model": RULES_MODEL, "kinds": rewrite.kinds, "edits": rewrite.edits}
+        if not rewrite.edits:
+            return Outcome("rejected", reason="no_applicable_edit", attempts=1, meta=meta)
+        reason = check_rewrite(answer, rewrite.text, self.validation)
+        if reason:
+            return Outcome("rejected", reason=reason, detail=rewrite.text[:300], attempts=1, meta=meta)
+        return Outcome("ok", text=rewrite.text, attempts=1, meta=meta)
+
+    def _stage_meta(self, outcome: Outcome) -> Dict[str, Any]:
+        meta: Dict[str, Any] = {
+            "backend": self.backend,
+            "model": outcome.meta.get("model", RULES_MODEL if self.backend == "rules" else self.cfg.client.model),
+            "seed": self.cfg.seed,
+            "kinds": outcome.meta.get("kinds"),
+        }
+        meta.update({k: v for k, v in outcome.meta.items() if k not in meta})
+        if self.backend == "openai":
+            meta["attempts"] = outcome.attempts
+            meta["usage"] = outcome.usage.as_dict()
+        return meta
+
+    def _collect(self, record: Dict[str, Any], outcome: Outcome) -> None:
+        """Buffer one outcome; flush the buffers when they are big or old enough."""
+        self.summary.usage.add(outcome.usage)
+        if outcome.status == "stopped":
+            return
+        if outcome.status == "ok":
+            self._buffers["out"].append(preference_record(record, outcome.text, self._stage_meta(outcome)))
+            self.summary.written += 1
+        else:
+            self._buffers["rejects"].append(reject_record(record, outcome, self._stage_meta(outcome)))
+            self.summary.rejected += 1
+            self.summary.reasons[outcome.reason] += 1
+            self.bar.set_postfix(rejected=self.summary.rejected)
+        self.bar.update(1)
+        buffered = len(self._buffers["out"]) + len(self._buffers["rejects"])
+        if buffered >= self.cfg.flush_every or time.monotonic() - self._last_flush >= self.cfg.flush_seconds:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.out.write(self._buffers["out"])
+        self.rejects.write(self._buffers["rejects"])
+        self._buffers = {"out": [], "rejects": []}
+        self._last_flush = time.monotonic()
+
+    # ---- reporting --------------------------------------------------------------------------
+
+    def _print_summary(self) -> None:
+        s, cfg = self.summary, self.cfg
+        reasons = ", ".join(f"{k}: {v}" for k, v in s.reasons.most_common())
+        print(
+            f"povid_hallucinate: {s.written} written, {s.rejected} rejected"
+            + (f" ({reasons})" if reasons else "")
+            + f", {s.skipped} skipped as already done, {s.pending} pending"
+        )
+        print(f"  output: {cfg.output_file}\n  rejects: {cfg.rejects_file}")
+        if self.backend == "openai":
+            u = s.usage
+            cost = u.cost(cfg.pricing.input_per_1m, cfg.pricing.output_per_1m)
+            print(
+                f"  requests: {u.requests}, tokens: {u.prompt_tokens} prompt + {u.completion_tokens} "
+                f"completion, estimated cost: {cost:.4f} {cfg.pricing.currency} (at "
+                f"{cfg.pricing.input_per_1m} / {cfg.pricing.output_per_1m} per 1M input / output tokens)"
+            )
+        if s.stop_reason:
+            print(f"  stopped early: {s.stop_reason}. A rerun resumes with the {s.pending} pending records.")
+
+    def _dry_run(self) -> None:
+        """Print what the first records would give, send nothing, write nothing."""
+        first = self.records[: self.cfg.dry_run_count]
+        for record in first:
+            question, answer = question_and_answer(record)
+            if self.backend == "rules":
+                outcome = self._rules_outcome(record, answer)
+                shown: Dict[str, Any] = {"id": record["id"], "status": outcome.status, "reason": outcome.reason,
+                                         "rewrite": outcome.text, "edits": outcome.meta.get("edits")}
+            else:
+                hallucinator = OpenAIHallucinator(
+                    None, model=self.cfg.client.model, prompts=self.prompts, validation=self.validation,
+                    retry=self.retry, budget=self.budget, send_image=self.cfg.client.send_image,
+                    image_detail=self.cfg.client.image_detail, request_params=self.request_params,
+                )  # fmt: skip
+                request = hallucinator.request(question, answer, self.images.get(str(record["id"])))
+                shown = {"id": record["id"], "base_url": self.cfg.client.base_url, "request": _shorten_data_urls(request)}
+            print(json.dumps(shown, indent=2, ensure_ascii=False))
+        print(f"dry_run: showed {len(first)} of {len(self.records)} records; nothing sent or written.")
+
+    def cleanup(self) -> None:
+        """Close the output files."""
+        for name in ("out", "rejects"):
+            writer = getattr(self, name, None)
+            if writer is not None:
+                writer.close()
+
+
+def _shorten_data_urls(value: Any) -> Any:
+    """A copy of a request with base64 image payloads cut to a readable length."""
+    if isinstance(value, dict):
+        return {k: _shorten_data_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shorten_data_urls(v) for v in value]
+    if isinstance(value, str) and value.startswith("data:") and len(value) > 80:
+        return f"{value[:60]}...({len(value)} chars)"
+    return value
+
+
+@parse
+def main(cfg: DictConfig) -> int:
+    """Entry point for ``tune run povid_hallucinate --config povid_hallucinate_openai|rules``."""
+    recipe = HallucinateRecipe(cfg)
+    recipe.setup()
+    try:
+        summary = recipe.run()
+    except FatalAPIError as err:
+        raise SystemExit(f"povid_hallucinate: {err}") from None
+    finally:
+        recipe.cleanup()
+    return 1 if summary.pending else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
