@@ -89,6 +89,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    """Print povid_eval results side by side with the differences from the first file."""
+    from povid.metrics.report import compare_files  # torch-free, but only `compare` needs it
+
+    if len(args.results) < 2:
+        args.parser.error("give two or more results files (e.g. base and POVID)")
+    try:
+        table = compare_files(args.results)
+    except (FileNotFoundError, ValueError) as err:
+        args.parser.exit(1, f"povid compare: error: {err}\n")
+    print(table, end="")
+    if args.output:
+        Path(args.output).write_text(table, encoding="utf-8")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     """The `povid` parser with its `ls` and `cp` subcommands."""
     parser = argparse.ArgumentParser(
@@ -97,7 +113,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "Run a recipe with `tune run <recipe> --config <config> [key=value ...]`.",
     )
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
-    subparsers = parser.add_subparsers(title="subcommands", metavar="{ls,cp,demo}")
+    subparsers = parser.add_subparsers(title="subcommands", metavar="{ls,cp,demo,compare}")
 
     ls = subparsers.add_parser(
         "ls",
@@ -149,6 +165,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output-dir", default="povid_outputs/demo", help="where everything goes")
     demo.set_defaults(func=_demo)
+
+    compare = subparsers.add_parser(
+        "compare",
+        help="Compare povid_eval results files (CHAIR / POPE) side by side",
+        description="Print a Markdown table of the metrics of each results.json written by "
+        "`tune run povid_eval`, with each run's difference from the first, and list the "
+        "protocol settings that differ between the runs.",
+    )
+    compare.add_argument("results", nargs="+", help="results.json files; the first is the baseline")
+    compare.add_argument("-o", "--output", help="also write the table to this Markdown file")
+    compare.set_defaults(func=_compare, parser=compare)
     return parser
 
 
