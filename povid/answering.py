@@ -8,6 +8,7 @@ image transform, and turns a batch of (conversation, PIL image) pairs into answe
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
@@ -23,6 +24,7 @@ from povid_data.transforms import IMAGE_TOKEN, LlavaImageTransform, LlavaMessage
 __all__ = ["LlavaAnswerer", "question_turns"]
 
 Messages = Sequence[Mapping[str, Any]]
+
 
 
 def question_turns(question: str) -> List[dict]:
@@ -82,6 +84,40 @@ class LlavaAnswerer:
         model = quantize_for_inference(model, quantization)
         tokenizer = LlavaTokenizer.from_dir(checkpoint_dir)
         return cls(model, tokenizer, params=params, image_mode=image_mode, generator=generator)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "LlavaAnswerer":
+        """Load from a generating recipe's config: ``checkpoint_dir``, ``clip_dir``, ``device``,
+        ``dtype``, ``quantization``, ``image_mode`` and the decoding keys ``max_new_tokens``,
+        ``temperature``, ``top_p``, ``top_k``, ``seed`` (which seeds sampling only)."""
+        from torchtune import training, utils
+
+        log = utils.get_logger("INFO")
+        device = utils.get_device(cfg.device)
+        dtype = training.get_dtype(cfg.dtype, device=device)
+        params = SamplingParams(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+        )
+        start = time.perf_counter()
+        answerer = cls.from_checkpoint(
+            cfg.checkpoint_dir,
+            params=params,
+            clip_dir=cfg.clip_dir,
+            device=device,
+            dtype=dtype,
+            quantization=cfg.quantization,
+            image_mode=cfg.image_mode,
+            generator=torch.Generator(device=device).manual_seed(cfg.seed),
+        )
+        n_params = sum(p.numel() for p in answerer.model.parameters())
+        log.info(
+            f"Loaded {cfg.checkpoint_dir} ({n_params / 1e6:.1f} M parameters, {dtype}, {device}) "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
+        return answerer
 
     def answer(
         self,

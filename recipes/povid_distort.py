@@ -27,19 +27,16 @@ Run::
 import hashlib
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import PIL.Image
-import torch
 from omegaconf import DictConfig
-from torchtune import training, utils
+from torchtune import utils
 from tqdm import tqdm
 
 from povid.answering import LlavaAnswerer
 from povid.config import parse
-from povid.generation import SamplingParams
 from povid_data.distort import OVERFLOW_MODES, distort_image, noise_coefficients, noise_seed
 from povid_data.jsonl import ResumableJsonlWriter
 from povid_data.records import CHOSEN, NOISE, read_llava_records, resolve_image, with_answer
@@ -78,16 +75,6 @@ class DistortRecipe:
         if cfg.overflow not in OVERFLOW_MODES:
             raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_MODES)}; got {cfg.overflow!r}")
         noise_coefficients(cfg.noise_step)  # a bad step fails now, not after loading the model
-        self.device = utils.get_device(cfg.device)
-        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
-        self.params = SamplingParams(
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-        )
-        # Sampling only (greedy ignores it); the image noise has its own per-record generators.
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.image_dir = Path(cfg.image_dir) if cfg.image_dir else Path(str(cfg.data_file)).parent
         # What povid_meta["stage2"] records: enough to remake every distorted image and answer.
         self.meta = {
@@ -104,20 +91,7 @@ class DistortRecipe:
 
     def setup(self) -> None:
         """Load model, tokenizer and transforms."""
-        cfg = self.cfg
-        start = time.perf_counter()
-        self.answerer = LlavaAnswerer.from_checkpoint(
-            cfg.checkpoint_dir,
-            params=self.params,
-            clip_dir=cfg.clip_dir,
-            device=self.device,
-            dtype=self.dtype,
-            quantization=cfg.quantization,
-            image_mode=cfg.image_mode,
-            generator=self.generator,
-        )
-        elapsed = time.perf_counter() - start
-        log.info(f"Loaded {cfg.checkpoint_dir} ({self.dtype}, {self.device}) in {elapsed:.1f} s")
+        self.answerer = LlavaAnswerer.from_config(self.cfg)
 
     def image_path(self, record: Dict[str, Any], source: str) -> Path:
         """The record's image file; an error naming file, id and field if absent."""

@@ -18,18 +18,15 @@ LLaVA with ``clip_dir=``); weight-only int8/int4 quantization with ``quantizatio
 """
 
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-import torch
 from omegaconf import DictConfig
-from torchtune import training, utils
+from torchtune import utils
 from tqdm import tqdm
 
 from povid.answering import LlavaAnswerer, question_turns
 from povid.config import parse
-from povid.generation import SamplingParams
 from povid_data.jsonl import ResumableJsonlWriter, read_records, require_field
 from povid_data.transforms import load_image
 
@@ -41,35 +38,10 @@ class GenerateRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.device = utils.get_device(cfg.device)
-        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
-        self.params = SamplingParams(
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-        )
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
 
     def setup(self) -> None:
         """Load model, tokenizer and transforms (the answerer shared with other recipes)."""
-        cfg = self.cfg
-        start = time.perf_counter()
-        self.answerer = LlavaAnswerer.from_checkpoint(
-            cfg.checkpoint_dir,
-            params=self.params,
-            clip_dir=cfg.clip_dir,
-            device=self.device,
-            dtype=self.dtype,
-            quantization=cfg.quantization,
-            image_mode=cfg.image_mode,
-            generator=self.generator,
-        )
-        self.model = self.answerer.model
-        log.info(
-            f"Loaded {cfg.checkpoint_dir} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f} M "
-            f"parameters, {self.dtype}, {self.device}) in {time.perf_counter() - start:.1f} s"
-        )
+        self.answerer = LlavaAnswerer.from_config(self.cfg)
 
     def answer(self, batch: List[Dict[str, Any]], source: str) -> List[str]:
         """Answers for records with ``image`` (a path) and ``prompt``."""
@@ -134,7 +106,7 @@ class GenerateRecipe:
 
     def cleanup(self) -> None:
         """Free the model."""
-        del self.model, self.answerer
+        del self.answerer
 
 
 @parse
