@@ -1,0 +1,96 @@
+"""The POVID training dataset and collate: rows, masks, images, online noise, bad records."""
+
+import json
+
+import pytest
+import torch
+
+from povid.model import read_llava_args
+from povid_data.distort import distort_image, noise_seed
+from povid_data.preference_dataset import PreferenceDataset, collate_preferences
+from povid_data.tokenizer import LlavaTokenizer
+from povid_data.transforms import IGNORE_INDEX, LlavaImageTransform, LlavaMessageTransform
+
+
+@pytest.fixture(scope="module")
+def transforms(tiny_checkpoint):
+    args = read_llava_args(tiny_checkpoint)
+    messages = LlavaMessageTransform(
+        LlavaTokenizer.from_dir(tiny_checkpoint), args.image_token_id, args.num_image_tokens, 512
+    )
+    return messages, LlavaImageTransform("pad", size=args.image_size), args
+
+
+def _noise(image, rid, epoch):
+    return distort_image(image, 500, seed=noise_seed(f"{rid}@{epoch}", 0))
+
+
+def test_rows_images_and_labels(preference_data, transforms):
+    messages, images, args = transforms
+    dataset = PreferenceDataset(preference_data, messages, images)
+    batch = collate_preferences([dataset[i] for i in range(4)], pad_id=0)
+    # r0 and r2 have noise answers, r1 and r3 do not
+    assert batch["row_kind"] == ["chosen"] * 4 + ["rejected"] * 4 + ["noise"] * 2
+    assert batch["row_example"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 2]
+    assert batch["images"].shape == (4, 3, args.image_size, args.image_size)
+    tokens, labels = batch["tokens"], batch["labels"]
+    assert tokens.shape == labels.shape and tokens.shape[0] == 10
+    for row in range(10):
+        assert int((tokens[row] == args.image_token_id).sum()) == args.num_image_tokens
+        scored = labels[row] != IGNORE_INDEX
+        # only the answer and its </s> are scored; image placeholders never are
+        assert scored.any() and not (scored & (tokens[row] == args.image_token_id)).any()
+        last = int(scored.nonzero().max())
+        assert int(tokens[row, last]) == 2  # </s>
+    # the three answers of an example share the prompt
+    prompt_len = int((labels[0] != IGNORE_INDEX).nonzero().min())
+    assert torch.equal(tokens[0, :prompt_len], tokens[4, :prompt_len])
+    assert torch.equal(tokens[0, :prompt_len], tokens[8, :prompt_len])
+    assert "noisy_images" not in batch
+
+
+def test_online_noise_is_fresh_per_epoch_and_reproducible(preference_data, transforms):
+    messages, images, _ = transforms
+    dataset = PreferenceDataset(
+        preference_data, messages, images, use_noise_answers=False, noise_fn=_noise
+    )
+    first = dataset[0]
+    assert "noise_tokens" not in first
+    assert not torch.equal(first["noisy_image"], first["image"])
+    assert torch.equal(dataset[0]["noisy_image"], first["noisy_image"])
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0]["noisy_image"], first["noisy_image"])
+    batch = collate_preferences([dataset[0], dataset[1]])
+    assert batch["noisy_images"].shape == batch["images"].shape
+
+
+def _write(tmp_path, record):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+def _record(**overrides):
+    q = [{"from": "human", "value": "<image>\nDescribe."}]
+    record = {
+        "id": "x1", "image": "0.png",
+        "conversations": q + [{"from": "gpt", "value": "A red circle."}],
+        "rejected_conversations": q + [{"from": "gpt", "value": "A red circle and a dog."}],
+    }  # fmt: skip
+    record.update(overrides)
+    return record
+
+
+def test_bad_records_name_file_id_and_field(tmp_path, preference_data, transforms):
+    messages, images, _ = transforms
+    no_rejected = _record()
+    del no_rejected["rejected_conversations"]
+    with pytest.raises(ValueError, match=r"bad\.jsonl: record id='x1': field 'rejected_conversations'"):
+        PreferenceDataset(_write(tmp_path, no_rejected), messages, images)
+    two_images = _record()
+    two_images["conversations"][0] = {"from": "human", "value": "<image>\n<image>\nDescribe."}
+    with pytest.raises(ValueError, match=r"record id='x1': field 'conversations' has 2 <image>"):
+        PreferenceDataset(_write(tmp_path, two_images), messages, images)
+    missing_image = PreferenceDataset(_write(tmp_path, _record(image="nope.png")), messages, images)
+    with pytest.raises(FileNotFoundError, match=r"record id='x1': field 'image'.*nope\.png"):
+        missing_image[0]
