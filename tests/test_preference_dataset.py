@@ -94,3 +94,23 @@ def test_bad_records_name_file_id_and_field(tmp_path, preference_data, transform
     missing_image = PreferenceDataset(_write(tmp_path, _record(image="nope.png")), messages, images)
     with pytest.raises(FileNotFoundError, match=r"record id='x1': field 'image'.*nope\.png"):
         missing_image[0]
+
+
+def test_reads_json_list_jsonl_and_datasets_alike(tmp_path, preference_data):
+    from datasets import Dataset
+
+    from povid_data.records import read_llava_records
+
+    from_jsonl, _ = read_llava_records(preference_data)
+    as_list = tmp_path / "prefs.json"
+    as_list.write_text(json.dumps(from_jsonl))
+    from_list, _ = read_llava_records(as_list)
+    dataset = Dataset.from_list(from_jsonl)
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    from_disk, name = read_llava_records(tmp_path / "saved")
+    from_memory, _ = read_llava_records(dataset)
+    ids = [r["id"] for r in from_jsonl]
+    for records in (from_list, from_disk, from_memory):
+        assert [r["id"] for r in records] == ids
+        assert [r["conversations"] for r in records] == [r["conversations"] for r in from_jsonl]
+    assert name == str(tmp_path / "saved")
