@@ -92,6 +92,10 @@ class POVIDDPORecipe:
         self.noise_source = cfg.noise.source  # dataset | online | none
         if self.noise_source not in ("dataset", "online", "none"):
             raise ValueError(f"noise.source must be dataset, online or none; got {self.noise_source!r}")
+        if cfg.noise.condition not in ("clean", "noisy"):
+            raise ValueError(f"noise.condition must be clean or noisy; got {cfg.noise.condition!r}")
+        # noise.condition=noisy with dataset answers: score them on povid_distort's image.
+        self.noisy_rows = self.noise_source == "dataset" and cfg.noise.condition == "noisy"
         self.global_step = 0
         self.epoch = 0
         self.batches_done_in_epoch = 0
@@ -201,8 +205,12 @@ class POVIDDPORecipe:
         )
 
     def _distort(self, image, record_id: str, epoch: int, *, step: int, overflow: str):
-        # Online noise is fresh every epoch yet reproducible, so a resumed run sees the same.
-        seed = noise_seed(f"{record_id}@epoch{epoch}", self.cfg.seed)
+        if self.noise_source == "dataset":
+            # The very image povid_distort showed the model (seeded by id and its seed).
+            seed = noise_seed(record_id, self.cfg.noise.stage2_seed)
+        else:
+            # Online noise is fresh every epoch yet reproducible, so a resumed run sees the same.
+            seed = noise_seed(f"{record_id}@epoch{epoch}", self.cfg.seed)
         return distort_image(image, step, seed=seed, overflow=overflow)
 
     # ------------------------------------------------------------------------- forward
@@ -214,7 +222,18 @@ class POVIDDPORecipe:
         for key in ("images", "noisy_images"):
             if key in batch:
                 out[key] = batch[key].to(self.device, self.dtype)
+        if self.noisy_rows:
+            # Dataset noise rows read the noisy copies, stacked after the clean images.
+            is_noise = torch.tensor([k == "noise" for k in batch["row_kind"]], device=self.device)
+            out["row_image"] = out["row_image"] + len(batch["ids"]) * is_noise
         return out
+
+    def _batch_features(self, model, batch, *, reference: bool) -> torch.Tensor:
+        """Features of every image a row points at: the clean ones (+ the noisy copies)."""
+        images = batch["images"]
+        if self.noisy_rows:
+            images = torch.cat([images, batch["noisy_images"]])
+        return self._features(model, images, reference=reference)
 
     def _row_logps(
         self, model, features, batch, *, reference: bool, online_noise: bool
@@ -236,20 +255,20 @@ class POVIDDPORecipe:
         """log p(y_noise | image, y_w,<t) with y_noise the argmax on the noisy image."""
         cfg = self.cfg.noise
         tokens, labels = batch["tokens"][chosen_rows], batch["labels"][chosen_rows]
-        if reference and cfg.argmax == "shared":
-            noise_labels = batch["noise_labels"]
-        else:
-            with torch.no_grad():
+        own_argmax = not (reference and cfg.argmax == "shared")
+        if own_argmax or cfg.condition == "noisy":
+            # One noisy pass serves both the argmax and, if conditioned on it, the scoring.
+            with nullcontext() if cfg.condition == "noisy" and not reference else torch.no_grad():
                 noisy_features = self._features(model, batch["noisy_images"], reference=reference)
                 noisy_logits = model(tokens, encoder_input={"image": {"features": noisy_features}})
-            noise_labels = argmax_answer_labels(noisy_logits, labels)
+        if own_argmax:
+            noise_labels = argmax_answer_labels(noisy_logits.detach(), labels)
             if not reference:
                 batch["noise_labels"] = noise_labels
-        if cfg.condition == "noisy":
-            with torch.no_grad() if reference else nullcontext():
-                noisy_features = self._features(model, batch["noisy_images"], reference=reference)
-                chosen_logits = model(tokens, encoder_input={"image": {"features": noisy_features}})
-        return sequence_logprobs(chosen_logits, noise_labels)
+        else:
+            noise_labels = batch["noise_labels"]
+        scored = noisy_logits if cfg.condition == "noisy" else chosen_logits
+        return sequence_logprobs(scored, noise_labels)
 
     def _features(self, model, images, *, reference: bool) -> torch.Tensor:
         if not reference:
@@ -270,7 +289,7 @@ class POVIDDPORecipe:
             return self._cached_reference(batch)
         with torch.no_grad():
             if self.ref_model is not None:
-                features = self._features(self.ref_model, batch["images"], reference=True)
+                features = self._batch_features(self.ref_model, batch, reference=True)
                 return self._row_logps(
                     self.ref_model, features, batch, reference=True, online_noise=online_noise
                 )
@@ -278,7 +297,7 @@ class POVIDDPORecipe:
             features = (
                 policy_features.detach()
                 if self.ref_projector is None
-                else self._features(self.model, batch["images"], reference=True)
+                else self._batch_features(self.model, batch, reference=True)
             )
             with disable_adapter(self.model):
                 return self._row_logps(
@@ -292,7 +311,7 @@ class POVIDDPORecipe:
         return {k: torch.tensor(v, device=self.device) for k, v in out.items()}
 
     def _preference_logprobs(self, batch) -> PreferenceLogProbs:
-        features = encode_images(self.model, batch["images"])
+        features = self._batch_features(self.model, batch, reference=False)
         policy = self._row_logps(
             self.model, features, batch, reference=False, online_noise=self.online_noise
         )
@@ -353,7 +372,7 @@ class POVIDDPORecipe:
         for batch in tqdm(loader, desc="reference log-probs", disable=not self.is_rank_zero):
             batch = self._to_device(batch)
             with torch.no_grad():
-                features = encode_images(self.model, batch["images"])
+                features = self._batch_features(self.model, batch, reference=False)
                 ref = self._reference_logps(batch, features, online_noise=False, use_cache=False)
             kinds_seen: Dict[str, int] = {}
             for kind, owner in zip(batch["row_kind"], batch["row_example"].tolist()):

@@ -125,3 +125,16 @@ def test_fsdp2_on_two_processes_matches_one_process(tmp_path, tiny_checkpoint, p
     # Same global batch (2 ranks x 2 = 4): the loss curves agree to float32 reduction noise.
     assert [r["loss"] for r in distributed] == pytest.approx([r["loss"] for r in single], abs=1e-5)
     assert (tmp_path / "two" / "step_8" / "model" / "model.safetensors").exists()
+
+
+def test_noise_condition_noisy_scores_dataset_noise_answers_on_the_distorted_image(
+    tmp_path, tiny_checkpoint, preference_data
+):
+    clean = _run("povid_tiny_lora", tiny_checkpoint, preference_data, tmp_path / "c", "max_steps=1")
+    noisy = _run(
+        "povid_tiny_lora", tiny_checkpoint, preference_data, tmp_path / "n", "max_steps=1",
+        "noise.condition=noisy",
+    )  # fmt: skip
+    # Same rows, same weights: only the image under the noise rows differs.
+    assert noisy[0]["logps/chosen"] == pytest.approx(clean[0]["logps/chosen"], abs=1e-5)
+    assert noisy[0]["logps/noise"] != pytest.approx(clean[0]["logps/noise"], abs=1e-4)
