@@ -1,0 +1,331 @@
+"""Memory model of a ``povid_dpo`` step: GB by component for a LLaVA-1.5 shape and a config.
+
+Used to size GPUs for the shipped configs (``benchmarks/memory_model.py`` prints the table and
+checks it against peak memory measured on CPU). The figures are what PyTorch allocates
+(``torch.cuda.max_memory_allocated``, which the recipe logs as ``peak_memory_gb``); the CUDA
+context and allocator slack come on top (typically 0.5-1 GB and 5-15 %).
+
+Where the numbers come from:
+
+- **Parameters** are counted on the model the recipe builds (``povid.model`` builders on the
+  meta device, trainable set by ``povid.training.set_trainable``), so adapters, the projector,
+  the frozen CLIP tail and the 32064-row vocabulary are exact. QLoRA stores the LoRA-wrapped LLM
+  linears in torchao NF4: 4 bits + one int8 scaler per block of 64 + one fp32 factor per 256
+  blocks = 0.5159 bytes per weight; everything else stays in ``dtype``.
+- **Gradients and optimizer**: one gradient and two AdamW moments per trainable parameter, in
+  the parameter's dtype (``torch.optim.AdamW`` keeps its state like the parameter).
+- **FSDP** (``world_size > 1``, ``shard_llava``): everything of the LLM (layers, embeddings,
+  norm, output head) is sharded, the vision encoder and projector are replicated; two unsharded
+  decoder layers are in flight (current + prefetched), for parameters and for gradients.
+- **Activations** saved for backward by one torchtune Llama layer, per token, measured with
+  ``torch.autograd.graph.saved_tensors_hooks`` on torchtune 0.6.1 and fitted exactly (integer
+  coefficients, zero residual over five shapes) -- see ``_LAYER_BYTES``. With activation
+  checkpointing a layer keeps only its input (``embed_dim`` values per token) and one layer's
+  full activations exist while it is recomputed. Tokens are ``batch * rows * seq_len``: rows
+  are padded to the longest, so ``seq_len`` is the padded row length (``max_seq_len`` at worst).
+- **Logits**: povid_dpo scores every position: the decoder returns ``output(h).float()``
+  (``[rows, L, vocab]`` fp32, plus the ``dtype`` copy it is cast from), torchtune's
+  ``get_batch_log_probs`` divides by the temperature (a copy) and keeps ``log_softmax`` for
+  backward. So one fp32 logit tensor X stays saved from the policy forward to backward; the
+  reference forward makes three more (logits, the copy, its log_softmax) and backward through
+  the head two (the gathered gradient and the log_softmax gradient): 4 X with a live reference
+  pass, 3 X with precomputed log-probs, plus X / 2 for the bf16/fp16 copy.
+  ``logits_positions="answer"`` models the proposed change that applies the head to answer
+  positions only (``answer_len`` tokens per row).
+- **Online noise** scores the chosen rows a second time: that ``log_softmax`` is saved too (the
+  teacher-forced no-grad pass on the noisy image is over before the peak; one layer of it is
+  counted with the activations).
+- **Reference**: with LoRA the reference is the same weights with adapters off (nothing extra,
+  except a frozen projector copy when the projector trains); full fine-tuning keeps a frozen copy
+  of the whole model, which povid_dpo keeps even when reference log-probs are precomputed. The
+  reference forward itself runs without grad: one layer's activations in flight.
+- **Vision**: the CLIP tower runs without grad, once per image: one layer's activations in
+  flight; the projected features are saved only when the projector trains.
+
+The total adds the components. That is exact in the order of magnitude and errs high: gradients
+grow while activations are freed during backward, so without gradient accumulation the sum
+over-counts by up to the gradient size (with accumulation the gradients of the previous
+micro-batches are held through the next forward and the sum is right). Checked against CPU runs
+in ``benchmarks/memory_model.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Sequence
+
+import torch
+
+from povid.model import LlavaArgs
+
+__all__ = [
+    "GB",
+    "DTYPE_BYTES",
+    "NF4_BYTES_PER_WEIGHT",
+    "ParameterCounts",
+    "count_parameters",
+    "layer_activation_bytes",
+    "estimate_memory",
+]
+
+GB = 1024**3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# torchao NF4: 4-bit codes, int8 block scalers (block 64), fp32 factor per 256 scaler blocks.
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+_LORA_ATTN = ("q_proj", "k_proj", "v_proj", "output_proj")
+
+# Bytes saved for backward per token by one torchtune Llama layer (RMSNorm, RoPE attention with
+# SDPA, SwiGLU MLP), fitted as  a*embed_dim + b*intermediate_dim + c*lora_rank + 4*heads + 4
+# (the last two: fp32 attention log-sum-exp and RMSNorm statistics). Keys: (trains the base
+# weights, bytes per element, LoRA dropout > 0). QLoRA (NF4 base) measured equal to LoRA.
+_LAYER_BYTES = {
+    # full fine-tuning: the norms also keep their normalised output for the weight gradient
+    (True, 4, False): (40, 16, 0),
+    (True, 2, False): (26, 8, 0),
+    # LoRA: the adapters' down-projections keep their inputs; dropout adds a copy + mask per input
+    (False, 4, False): (32, 16, 28),
+    (False, 2, False): (18, 8, 14),
+    (False, 4, True): (60, 20, 28),
+    (False, 2, True): (32, 10, 14),
+}
+
+
+@dataclass
+class ParameterCounts:
+    """Parameter counts of the model povid_dpo builds, by what happens to them."""
+
+    vision: int  # CLIP tower incl. the never-run tail (frozen, replicated under FSDP)
+    projector: int
+    llm_linear: int  # LLM linears that LoRA wraps (NF4 under QLoRA)
+    llm_other: int  # embeddings, norms, output head, LLM linears without adapters
+    adapters: int  # LoRA A/B (0 for full fine-tuning)
+    trainable: int
+    trainable_replicated: int  # trainable parameters FSDP does not shard (the projector)
+    largest_layer: int  # parameters of one decoder layer (FSDP all-gather unit)
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.projector + self.llm_linear + self.llm_other + self.adapters
+
+
+def count_parameters(
+    args: LlavaArgs,
+    *,
+    method: str = "lora",
+    lora_rank: int = 128,
+    lora_attn_modules: Sequence[str] = _LORA_ATTN,
+    apply_lora_to_mlp: bool = True,
+    apply_lora_to_output: bool = False,
+    projector_trainable: bool = False,
+) -> ParameterCounts:
+    """Count parameters on the meta device with the recipe's own builders and trainable set."""
+    from torchtune.modules.peft import LoRALinear
+
+    from povid.model import llava_1_5, lora_llava_1_5
+    from povid.training import set_trainable
+
+    _check_method(method)
+    with torch.device("meta"):
+        if method == "full":
+            model = llava_1_5(args)
+        else:  # QLoRA is counted on the LoRA model; its NF4 bytes are applied by the caller
+            model = lora_llava_1_5(
+                args,
+                lora_attn_modules=list(lora_attn_modules),
+                apply_lora_to_mlp=apply_lora_to_mlp,
+                apply_lora_to_output=apply_lora_to_output,
+                lora_rank=lora_rank,
+            )
+    trainable_names = set_trainable(model, projector_trainable=projector_trainable)
+    params = dict(model.named_parameters())
+    adapters = {n for n in params if "lora_" in n or n.endswith(".magnitude")}
+    wrapped = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    encoder = "encoders.image."
+    projector = encoder + "projector."
+
+    def total(names) -> int:
+        return sum(params[n].numel() for n in names)
+
+    vision = {n for n in params if n.startswith(encoder) and not n.startswith(projector)}
+    proj = {n for n in params if n.startswith(projector)}
+    llm = set(params) - vision - proj - adapters
+    return ParameterCounts(
+        vision=total(vision),
+        projector=total(proj),
+        llm_linear=total(llm & wrapped),
+        llm_other=total(llm - wrapped),
+        adapters=total(adapters),
+        trainable=total(trainable_names),
+        trainable_replicated=total(trainable_names & proj),
+        largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in model.decoder.layers),
+    )
+
+
+def layer_activation_bytes(
+    args: LlavaArgs, *, method: str, dtype: str, lora_rank: int, lora_dropout: float
+) -> int:
+    """Bytes one decoder layer saves for backward per token (no activation checkpointing)."""
+    _check_method(method)
+    a, b, c = _LAYER_BYTES[(method == "full", DTYPE_BYTES[dtype], method != "full" and lora_dropout > 0)]
+    return a * args.embed_dim + b * args.intermediate_dim + c * lora_rank + 4 * args.num_heads + 4
+
+
+def _check_method(method: str) -> None:
+    if method not in ("lora", "qlora", "full"):
+        raise ValueError(f"method must be lora, qlora or full; got {method!r}")
+
+
+def _parameter_bytes(counts: ParameterCounts, method: str, e: int, world_size: int) -> Dict[str, float]:
+    """Bytes of weights per device: replicated encoder, sharded LLM."""
+    linear_bytes = NF4_BYTES_PER_WEIGHT if method == "qlora" else e
+    replicated = (counts.vision + counts.projector) * e
+    sharded = counts.llm_linear * linear_bytes + (counts.llm_other + counts.adapters) * e
+    return {"replicated": replicated, "sharded": sharded / world_size}
+
+
+def _activation_bytes(
+    args: LlavaArgs, tokens: int, *, method: str, dtype: str, lora_rank: int, lora_dropout: float,
+    activation_checkpointing: bool, images: int, projector_trainable: bool,
+) -> float:  # fmt: skip
+    e = DTYPE_BYTES[dtype]
+    per_layer = layer_activation_bytes(args, method=method, dtype=dtype, lora_rank=lora_rank, lora_dropout=lora_dropout)
+    if activation_checkpointing:
+        layers = args.num_layers * args.embed_dim * e * tokens + per_layer * tokens
+    else:
+        layers = args.num_layers * per_layer * tokens
+    # Fused input embeddings and the final norm (input, and output for a trainable head).
+    outside = tokens * args.embed_dim * e * (3 if method == "full" else 2)
+    vision = _vision_transient_bytes(args, images, e)
+    if projector_trainable:  # projected features and the projector's hidden layer are kept
+        vision += 3 * images * args.num_image_tokens * args.embed_dim * e
+    return layers + outside + vision
+
+
+def _vision_transient_bytes(args: LlavaArgs, images: int, e: int) -> float:
+    """One CLIP layer's tensors for a batch of images (the tower runs without grad)."""
+    n = args.num_image_tokens + 1
+    return images * n * (6 * args.vision_embed_dim + 2 * args.vision_intermediate_dim) * e
+
+
+def _logit_bytes(
+    args: LlavaArgs, rows: int, positions: int, e: int, *, chosen_rows: int, online_noise: bool,
+    reference_pass: bool,
+) -> float:  # fmt: skip
+    """fp32 logits per scored position: 1 saved + 2 transient in backward (+1 more while a
+    reference forward builds its own), plus the low-precision copy they are cast from."""
+    x = rows * positions * args.vocab_size * 4
+    total = (4 if reference_pass else 3) * x + (x / 2 if e < 4 else 0)
+    if online_noise:  # the chosen rows' log_softmax against the noise answer is saved too
+        total += chosen_rows * positions * args.vocab_size * 4
+    return total
+
+
+def estimate_memory(
+    args: LlavaArgs,
+    *,
+    method: str = "lora",
+    lora_rank: int = 128,
+    batch_size: int = 1,
+    seq_len: int = 1048,
+    rows_per_example: int = 3,
+    dtype: str = "bf16",
+    activation_checkpointing: bool = True,
+    world_size: int = 1,
+    precomputed_reference: bool = False,
+    online_noise: bool = False,
+    lora_dropout: float = 0.05,
+    lora_attn_modules: Sequence[str] = _LORA_ATTN,
+    apply_lora_to_mlp: bool = True,
+    apply_lora_to_output: bool = False,
+    projector_trainable: bool = False,
+    logits_positions: str = "all",
+    answer_len: int = 256,
+) -> Dict[str, float]:
+    """Peak memory of one povid_dpo training step per device, in GB by component.
+
+    Args:
+        args: the LLaVA architecture (``povid.model.LLAVA_1_5_7B`` etc. or ``read_llava_args``).
+        method: ``lora``, ``qlora`` (NF4 base) or ``full``.
+        lora_rank: LoRA rank (ignored for ``full``).
+        batch_size: examples per device per micro-batch.
+        seq_len: padded row length in tokens (image placeholders included).
+        rows_per_example: answer rows per example in the concatenated forward: 2 (chosen,
+            rejected), 3 with noise answers from the dataset. Online noise keeps 2 rows.
+        dtype: ``bf16``, ``fp16`` or ``fp32`` (weights, activations, adapters, optimizer).
+        activation_checkpointing: per-layer checkpointing (``enable_activation_checkpointing``).
+        world_size: FSDP2 ranks (the LLM is sharded, the vision encoder replicated).
+        precomputed_reference: reference log-probs come from the cache (no reference forward).
+            povid_dpo ignores the cache when the noise is online, and so does this model.
+        online_noise: the noise answer is computed on the fly (``noise.source=online``).
+        lora_dropout, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
+            projector_trainable: as in the config.
+        logits_positions: ``all`` (povid_dpo today) or ``answer`` (head on answer tokens only).
+        answer_len: answer tokens per row, used with ``logits_positions="answer"``.
+
+    Returns:
+        ``{"parameters", "gradients", "optimizer", "activations", "logits", "reference",
+        "fsdp_buffers", "total"}`` in GB (1024**3 bytes).
+    """
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    if logits_positions not in ("all", "answer"):
+        raise ValueError(f"logits_positions must be 'all' or 'answer', got {logits_positions!r}")
+    e = DTYPE_BYTES[dtype]
+    precomputed_reference = precomputed_reference and not online_noise
+    counts = count_parameters(
+        args, method=method, lora_rank=lora_rank, lora_attn_modules=lora_attn_modules,
+        apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
+        projector_trainable=projector_trainable,
+    )  # fmt: skip
+    weights = _parameter_bytes(counts, method, e, world_size)
+    parameters = weights["replicated"] + weights["sharded"]
+    sharded_trainable = counts.trainable - counts.trainable_replicated
+    trainable_bytes = (counts.trainable_replicated + sharded_trainable / world_size) * e
+    gradients = trainable_bytes
+    optimizer = 2 * trainable_bytes
+
+    rows = batch_size * rows_per_example
+    tokens = rows * seq_len
+    activations = _activation_bytes(
+        args, tokens, method=method, dtype=dtype, lora_rank=lora_rank, lora_dropout=lora_dropout,
+        activation_checkpointing=activation_checkpointing, images=batch_size,
+        projector_trainable=projector_trainable,
+    )  # fmt: skip
+    positions = seq_len if logits_positions == "all" else min(answer_len, seq_len)
+    logits = _logit_bytes(
+        args, rows, positions, e, chosen_rows=batch_size, online_noise=online_noise,
+        reference_pass=not precomputed_reference,
+    )
+    if online_noise:  # the teacher-forced pass on the noisy image: one layer in flight
+        activations += _no_grad_pass_bytes(args, batch_size * seq_len, method, dtype, lora_rank)
+
+    reference = 0.0
+    if method == "full":
+        reference += parameters  # frozen copy, sharded like the policy
+    elif projector_trainable:
+        reference += counts.projector * e
+    if not precomputed_reference:
+        reference += _no_grad_pass_bytes(args, tokens, method, dtype, lora_rank)
+
+    fsdp = 0.0
+    if world_size > 1:
+        layer = counts.largest_layer * (NF4_BYTES_PER_WEIGHT if method == "qlora" else e)
+        fsdp = 2 * layer + (2 * layer if method == "full" else 0)
+
+    out = {
+        "parameters": parameters,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "activations": activations,
+        "logits": logits,
+        "reference": reference,
+        "fsdp_buffers": fsdp,
+    }
+    out = {k: v / GB for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _no_grad_pass_bytes(args: LlavaArgs, tokens: int, method: str, dtype: str, lora_rank: int) -> float:
+    """A forward without grad keeps no activations: about one layer's tensors are alive."""
+    return layer_activation_bytes(args, method=method, dtype=dtype, lora_rank=lora_rank, lora_dropout=0.0) * tokens

@@ -1,0 +1,135 @@
+"""povid.memory: components checked against hand computation and against what autograd saves."""
+
+import pytest
+import torch
+
+from povid.memory import (
+    GB,
+    NF4_BYTES_PER_WEIGHT,
+    count_parameters,
+    estimate_memory,
+    layer_activation_bytes,
+)
+from povid.model import LLAVA_1_5_7B, LLAVA_1_5_13B, LlavaArgs
+
+# LLaVA-1.5-7B by hand: Llama-2-7B with the 32064-row vocabulary, CLIP ViT-L/14-336, projector.
+H, I, LAYERS, V = 4096, 11008, 32, 32064
+LLM_LINEARS = LAYERS * (4 * H * H + 3 * H * I)  # q, k, v, o + gate, up, down
+LLM_OTHER = 2 * V * H + LAYERS * 2 * H + H  # embeddings, lm_head, norms
+PROJECTOR = 1024 * H + H + H * H + H
+TOTAL_7B = 7_063_427_072  # = transformers' LlavaForConditionalGeneration count (README)
+VISION = TOTAL_7B - LLM_LINEARS - LLM_OTHER - PROJECTOR
+R = 128
+ADAPTERS = LAYERS * R * (4 * (H + H) + 3 * (H + I))  # A: r x in, B: out x r
+
+
+def test_parameter_groups_of_7b_match_hand_count():
+    counts = count_parameters(LLAVA_1_5_7B, method="lora", lora_rank=R)
+    assert counts.llm_linear == LLM_LINEARS == 6_476_005_376
+    assert counts.llm_other == LLM_OTHER
+    assert counts.projector == PROJECTOR
+    assert counts.vision == VISION
+    assert counts.adapters == counts.trainable == ADAPTERS == 319_815_680
+    assert counts.total - counts.adapters == TOTAL_7B
+
+
+def test_7b_lora_bf16_weights_grads_and_adamw():
+    est = estimate_memory(LLAVA_1_5_7B, method="lora", lora_rank=R, dtype="bf16")
+    assert est["parameters"] == pytest.approx((TOTAL_7B + ADAPTERS) * 2 / GB)  # 13.75 GB
+    assert est["gradients"] == pytest.approx(ADAPTERS * 2 / GB)
+    assert est["optimizer"] == pytest.approx(2 * ADAPTERS * 2 / GB)
+    assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
+
+
+def test_qlora_stores_llm_linears_in_nf4():
+    est = estimate_memory(LLAVA_1_5_7B, method="qlora", lora_rank=R, dtype="bf16")
+    expected = LLM_LINEARS * NF4_BYTES_PER_WEIGHT + (TOTAL_7B - LLM_LINEARS + ADAPTERS) * 2
+    assert NF4_BYTES_PER_WEIGHT == pytest.approx(0.5159, abs=1e-4)
+    assert est["parameters"] == pytest.approx(expected / GB)
+
+
+def test_full_fsdp_shards_the_llm_and_replicates_the_vision_encoder():
+    one = estimate_memory(LLAVA_1_5_7B, method="full", world_size=1, projector_trainable=True)
+    eight = estimate_memory(LLAVA_1_5_7B, method="full", world_size=8, projector_trainable=True)
+    llm = LLM_LINEARS + LLM_OTHER
+    assert one["parameters"] == pytest.approx(TOTAL_7B * 2 / GB)
+    assert eight["parameters"] == pytest.approx(((VISION + PROJECTOR) * 2 + llm * 2 / 8) / GB)
+    assert eight["gradients"] == pytest.approx((PROJECTOR + llm / 8) * 2 / GB)
+    assert eight["optimizer"] == pytest.approx(2 * eight["gradients"])
+    # full fine-tuning keeps a frozen copy as the reference, even with cached log-probs
+    cached = estimate_memory(LLAVA_1_5_7B, method="full", world_size=8, precomputed_reference=True)
+    assert cached["reference"] == pytest.approx(eight["parameters"])
+    assert eight["fsdp_buffers"] > 0 == one["fsdp_buffers"]
+
+
+def test_activations_and_logits_by_hand():
+    kw = dict(method="lora", lora_rank=R, batch_size=1, seq_len=1048, rows_per_example=3, dtype="bf16")
+    tokens = 3 * 1048
+    per_layer = layer_activation_bytes(LLAVA_1_5_7B, method="lora", dtype="bf16", lora_rank=R, lora_dropout=0.05)
+    assert per_layer == 32 * H + 10 * I + 14 * R + 4 * 32 + 4
+    no_ac = estimate_memory(LLAVA_1_5_7B, activation_checkpointing=False, **kw)
+    ac = estimate_memory(LLAVA_1_5_7B, activation_checkpointing=True, **kw)
+    # without checkpointing every layer keeps everything: ~23 GB for 3 x 1048 tokens
+    assert no_ac["activations"] > LAYERS * per_layer * tokens / GB > 20
+    # with it a layer keeps its bf16 input, plus one layer being recomputed
+    assert ac["activations"] == pytest.approx(
+        no_ac["activations"] - (LAYERS * per_layer - LAYERS * H * 2 - per_layer) * tokens / GB
+    )
+    x = tokens * V * 4  # fp32 logits of every position
+    assert no_ac["logits"] == pytest.approx(4.5 * x / GB)
+    answer = estimate_memory(LLAVA_1_5_7B, logits_positions="answer", answer_len=200, **kw)
+    assert answer["logits"] == pytest.approx(4.5 * 3 * 200 * V * 4 / GB)
+
+
+def test_precompute_and_13b():
+    live = estimate_memory(LLAVA_1_5_7B, method="lora", rows_per_example=2)
+    cached = estimate_memory(LLAVA_1_5_7B, method="lora", rows_per_example=2, precomputed_reference=True)
+    assert cached["reference"] == 0 < live["reference"]
+    # no reference forward: one fp32 logit tensor fewer at the peak (3 + 1/2 instead of 4 + 1/2)
+    assert cached["logits"] == pytest.approx(live["logits"] * 3.5 / 4.5)
+    # online noise ignores the cache, like the recipe
+    online = estimate_memory(LLAVA_1_5_7B, rows_per_example=2, precomputed_reference=True, online_noise=True)
+    assert online["reference"] > 0
+    assert count_parameters(LLAVA_1_5_13B, method="full").total == 13_351_494_656
+
+
+@pytest.mark.parametrize(
+    "method, dtype, dropout",
+    [("lora", torch.float32, 0.0), ("lora", torch.bfloat16, 0.05), ("full", torch.bfloat16, 0.0)],
+)
+def test_layer_coefficients_match_what_autograd_saves(method, dtype, dropout):
+    """The fitted per-layer table against the tensors torchtune's layer actually saves."""
+    from torchtune import training
+
+    from povid.model import llava_1_5, lora_llava_1_5
+    from povid.training import set_trainable
+
+    args = LlavaArgs(
+        vocab_size=512, embed_dim=192, num_layers=1, num_heads=6, num_kv_heads=6,
+        intermediate_dim=320, vision_embed_dim=32, vision_num_layers=2, vision_num_heads=2,
+        vision_intermediate_dim=64, image_size=28, patch_size=14, image_token_id=500,
+    )  # fmt: skip
+    with training.set_default_dtype(dtype):
+        if method == "full":
+            model = llava_1_5(args)
+        else:
+            model = lora_llava_1_5(args, lora_rank=4, lora_alpha=8, lora_dropout=dropout)
+    set_trainable(model, projector_trainable=False)
+    model.train()
+    x = torch.randn(2, 16, args.embed_dim, dtype=dtype)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.decoder.layers[0](x)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weights |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    measured = sum(n for ptr, n in saved.items() if ptr not in weights)
+    e = torch.finfo(dtype).bits // 8
+    measured += 0 if x.untyped_storage().data_ptr() in saved else 2 * 16 * args.embed_dim * e
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    expected = layer_activation_bytes(args, method=method, dtype=name, lora_rank=4, lora_dropout=dropout)
+    assert measured / 32 == expected
