@@ -181,6 +181,7 @@ CHECKS = [
     ("LoRA dpo, AC off", [], {}),
     ("LoRA dpo, AC on", ["--ac"], {"activation_checkpointing": True}),
     ("LoRA dpo, batch 1, 512 tok", ["--batch", "1", "--seq-len", "512"], {"batch_size": 1, "seq_len": 512}),
+    ("LoRA dpo, batch 1, 2048 tok", ["--batch", "1", "--seq-len", "2048"], {"batch_size": 1, "seq_len": 2048}),
     ("LoRA povid, dataset noise", ["--objective", "povid", "--noise", "dataset"], {"rows_per_example": 3}),
     ("LoRA povid_ref, online noise", ["--objective", "povid_reference", "--noise", "online"], {"online_noise": True}),
     ("LoRA dpo, precomputed ref", ["--precompute"], {"precomputed_reference": True}),
