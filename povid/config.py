@@ -32,6 +32,7 @@ CONFIG_SUFFIX = ".yaml"
 # Adding a recipe is one line here, plus its module in pyproject's `py-modules`.
 RECIPES: dict[str, list[str]] = {
     "povid_generate": ["llava_generate"],
+    "llava_sft": ["llava_sft_tiny_full", "llava_sft_tiny_lora"],
     "povid_eval": ["eval_chair_coco", "eval_pope_coco"],
     "povid_distort": ["povid_distort"],
     "povid_hallucinate": ["povid_hallucinate_openai", "povid_hallucinate_rules"],

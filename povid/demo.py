@@ -1,44 +1,103 @@
-"""The offline default: the whole job on CPU with nothing downloaded.
+"""The offline default: the whole POVID pipeline on a synthetic world, on CPU, in minutes.
 
-Until the synthetic-world demo lands, this makes a tiny random LLaVA checkpoint and a few
-synthetic images, then answers them with ``tune run povid_generate`` exactly as a user would
-with a real checkpoint. A rerun reuses the checkpoint and the finished generations.
+``povid demo`` runs, each stage as the ``tune run`` command a user would type:
+
+1. make the synthetic world (:mod:`povid_data.synthetic_world`): images, exact captions, COCO
+   annotations, LLaVA instruction data; and the untrained world LLaVA (:mod:`povid.tiny_world`);
+2. ``llava_sft``: supervised fine-tuning of that model: the *base* model POVID aligns;
+3. ``povid_hallucinate`` (``rules`` backend): stage 1, hallucinated rewrites of the ground truth;
+4. ``povid_distort``: stage 2, the base model's answers on diffusion-noised images;
+5. ``povid_dpo``: POVID preference training of the base model;
+6. ``povid_eval``: CHAIR and POPE of the base and the POVID model on held-out balanced images;
+
+then prints the side-by-side table and draws ``summary.png`` (training curves; test images with
+the base and the POVID description, hallucinated words in red). A stage whose output exists is
+skipped, so a rerun reuses finished work (an interrupted stage resumes where its recipe can).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["make_demo_images", "run_demo"]
+from povid_data.synthetic_world import COMPANION, WorldConfig, addition_templates
 
-_SHAPES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
+__all__ = [
+    "DemoSettings",
+    "world_stage1_overrides",
+    "DEMO_SIZES",
+    "tune_command",
+    "run_stage",
+    "Demo",
+    "run_demo",
+    "companion_hallucination_rate",
+    "summary_rows",
+    "summary_table",
+    "draw_summary",
+]
+
+# Printed through from stage output, everything else goes to the stage's log only.
+_NOISE = ("Skipping import of cpp extensions", "pytorch/ao/issues/2919")
 
 
-def make_demo_images(image_dir: Path) -> list[dict]:
-    """Draw one coloured shape per image (non-square, to exercise padding); returns records."""
-    from PIL import Image, ImageDraw
+def world_stage1_overrides() -> List[str]:
+    """``povid_hallucinate`` (``rules``) overrides for the world: inject only the world's own
+    objects and colours, and write an added object in the caption's grammar, as a stage-1 model
+    asked for plausible hallucinations would (COCO's sandwiches and "next to the" sentences are
+    words the base never says, so they would teach it nothing about images)."""
+    templates = ",".join("'" + t + "'" for t in addition_templates())
+    return ["rules.only_seen=true", f"rules.addition_templates=[{templates}]"]
 
-    image_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, (colour, shape) in enumerate(_SHAPES):
-        image = Image.new("RGB", (64 + 16 * i, 48), "white")
-        draw = ImageDraw.Draw(image)
-        box = (8 + 8 * i, 8, 40 + 8 * i, 40)
-        if shape == "circle":
-            draw.ellipse(box, fill=colour)
-        elif shape == "square":
-            draw.rectangle(box, fill=colour)
-        else:
-            draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=colour)
-        name = f"{i:03d}_{colour}_{shape}.png"
-        image.save(image_dir / name)
-        records.append({"id": f"demo-{i}", "image": name, "prompt": "Describe this image in detail."})
-    return records
+
+@dataclass
+class DemoSettings:
+    """Sizes and hyperparameters of one demo run (``DEMO_SIZES`` holds the two presets)."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    sft_epochs: int = 4
+    sft_batch_size: int = 32
+    sft_lr: float = 1e-3
+    sft_max_steps: Optional[int] = None
+    dpo_config: str = "povid_tiny_full"
+    dpo_batch_size: int = 16
+    dpo_epochs: int = 1
+    dpo_max_steps: Optional[int] = None
+    dpo_overrides: List[str] = field(
+        default_factory=lambda: [
+            "optimizer.lr=1e-4",
+            "objective.objective=povid",
+            "objective.chosen_nll_weight=0.0",
+            "reference.precompute=true",
+        ]
+    )
+    stage1_overrides: List[str] = field(default_factory=lambda: world_stage1_overrides())
+    gen_batch_size: int = 64
+    caption_tokens: int = 64
+    eval_split: str = "test"
+    eval_images: Optional[int] = None  # None: the whole split
+
+
+DEMO_SIZES: Dict[str, DemoSettings] = {
+    "default": DemoSettings(),
+    # A smoke test of the whole chain (the test suite's): every stage and artefact in about
+    # two minutes, on a base model far too undertrained to mean anything.
+    "quick": DemoSettings(
+        world=WorldConfig(train=640, pref=64, test=48, test_iid=16),
+        sft_epochs=2,
+        sft_batch_size=16,
+        dpo_batch_size=8,
+        gen_batch_size=16,
+        caption_tokens=48,
+    ),
+}
 
 
 def _tune_executable() -> str:
@@ -47,30 +106,449 @@ def _tune_executable() -> str:
     return str(candidate) if candidate.exists() else (shutil.which("tune") or "tune")
 
 
-def run_demo(output_dir: str | Path = "povid_outputs/demo", max_new_tokens: int = 24) -> Path:
-    """Make the tiny checkpoint and images (once) and run ``povid_generate`` over them."""
-    from povid.tiny import make_tiny_checkpoint
+def tune_command(recipe: str, config: str, overrides: Mapping[str, Any] | Sequence[str] = ()) -> List[str]:
+    """``tune run <recipe> --config <config> key=value ...`` as an argument list."""
+    items = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(overrides)
+    return [_tune_executable(), "run", recipe, "--config", config, *items]
 
-    output_dir = Path(output_dir)
-    checkpoint_dir = output_dir / "tiny_llava"
-    if not (checkpoint_dir / "config.json").exists():
-        print(f"[demo] writing a tiny random LLaVA checkpoint to {checkpoint_dir}", flush=True)
-        make_tiny_checkpoint(checkpoint_dir)
-    image_dir = output_dir / "images"
-    records = make_demo_images(image_dir)
-    data_file = output_dir / "records.jsonl"
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in records))
-    command = [
-        _tune_executable(), "run", "povid_generate", "--config", "llava_generate",
-        f"checkpoint_dir={checkpoint_dir}", f"data_file={data_file}", f"image_dir={image_dir}",
-        f"output_dir={output_dir}", f"max_new_tokens={max_new_tokens}", "batch_size=2",
-    ]  # fmt: skip
-    print("[demo] " + " ".join(command), flush=True)
-    subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    out_file = output_dir / "generations.jsonl"
-    print(f"[demo] {out_file}:")
-    for line in out_file.read_text().splitlines():
-        row = json.loads(line)
-        print(f"  {row['id']} ({row['image']}): {row['response']!r}")
-    print("[demo] the model is random, so its answers are noise; the pipeline is what is shown.")
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def run_stage(title: str, command: List[str], done_file: Path, log_file: Path) -> float:
+    """Run ``command`` unless ``done_file`` exists; stream its output (and keep it in
+    ``log_file``); mark the stage done on success. Returns the seconds it took (0 if skipped).
+
+    Raises:
+        RuntimeError: the command failed; the message names the log file.
+    """
+    if done_file.exists():
+        _say(f"{title}: done before, reusing ({done_file.parent})")
+        return 0.0
+    _say(f"{title}")
+    shown = [Path(command[0]).name, *command[1:]]
+    _say("  $ " + " ".join(shlex.quote(part) for part in shown))
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_file.open("ab") as log, subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    ) as process:
+        assert process.stdout is not None
+        pending = b""
+        while True:
+            chunk = process.stdout.read1(4096) if hasattr(process.stdout, "read1") else process.stdout.read(4096)
+            if not chunk:
+                break
+            log.write(chunk)
+            pending += chunk
+            # Pass complete lines and progress-bar updates (\r) through, minus known noise.
+            while True:
+                cut = max(pending.rfind(b"\n"), pending.rfind(b"\r"))
+                if cut < 0:
+                    break
+                text, pending = pending[: cut + 1].decode("utf-8", "replace"), pending[cut + 1 :]
+                for piece in text.splitlines(keepends=True):
+                    if not any(noise in piece for noise in _NOISE):
+                        sys.stdout.write(piece)
+                sys.stdout.flush()
+        status = process.wait()
+    elapsed = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"{title} failed (exit status {status}); its output is in {log_file}")
+    done_file.parent.mkdir(parents=True, exist_ok=True)
+    done_file.write_text(json.dumps({"command": command, "seconds": elapsed}) + "\n")
+    _say(f"{title}: {elapsed:.0f} s")
+    return elapsed
+
+
+# --------------------------------------------------------------------------------- the chain
+
+
+class Demo:
+    """The chain's stages over one output directory. Each method runs one stage (or reuses
+    it) and returns where its output is; the benchmark script composes them into variants."""
+
+    def __init__(self, output_dir: str | Path, settings: DemoSettings) -> None:
+        self.out = Path(output_dir)
+        self.settings = settings
+        self.world_dir = self.out / "world"
+        self.images = self.world_dir / "images"
+        self.seconds: Dict[str, float] = {}
+
+    def _done(self, stage_dir: Path) -> Path:
+        return stage_dir / ".stage_done.json"
+
+    def _run(self, key: str, title: str, command: List[str], stage_dir: Path) -> Path:
+        self.seconds[key] = run_stage(title, command, self._done(stage_dir), self.out / "logs" / f"{key}.log")
+        return stage_dir
+
+    # -- 1. world + untrained model (in process: nothing to `tune run`)
+
+    def world(self) -> Path:
+        """Make the synthetic world and the untrained world LLaVA."""
+        done = self._done(self.world_dir)
+        if done.exists():
+            _say(f"1/6 world: done before, reusing ({self.world_dir})")
+            self.seconds["world"] = 0.0
+            return self.world_dir
+        from povid.tiny_world import make_world_checkpoint
+        from povid_data.synthetic_world import make_world
+
+        start = time.perf_counter()
+        _say(f"1/6 world: drawing the synthetic world into {self.world_dir}")
+        make_world(self.world_dir, self.settings.world, progress=lambda m: _say("  " + m))
+        init = make_world_checkpoint(self.out / "init", seed=self.settings.world.seed)
+        _say(f"  untrained world LLaVA + tokenizer: {init}")
+        self.seconds["world"] = time.perf_counter() - start
+        done.write_text(json.dumps({"seconds": self.seconds["world"]}) + "\n")
+        return self.world_dir
+
+    # -- 2. base model
+
+    def sft(self, name: str = "sft", *, checkpoint_dir: Optional[Path] = None, data_file: Optional[Path] = None,
+            epochs: Optional[int] = None, max_steps: Optional[int] = None, batch_size: Optional[int] = None,
+            lr: Optional[float] = None, title: str = "2/6 llava_sft: the base model") -> Path:  # fmt: skip
+        """``tune run llava_sft``; returns the final merged model directory."""
+        s = self.settings
+        out = self.out / name
+        overrides = {
+            "checkpoint_dir": checkpoint_dir or self.out / "init",
+            "data_file": data_file or self.world_dir / "sft.json",
+            "image_dir": self.images,
+            "output_dir": out,
+            "epochs": epochs or s.sft_epochs,
+            "batch_size": batch_size or s.sft_batch_size,
+            "optimizer.lr": lr or s.sft_lr,
+            "seed": s.world.seed,
+            "save_every_n_steps": 100,  # an interrupted run resumes from here
+            "resume_from_checkpoint": True,
+        }
+        steps = max_steps if max_steps is not None else s.sft_max_steps
+        if steps is not None:
+            overrides["max_steps"] = steps
+        self._run(name, title, tune_command("llava_sft", "llava_sft_tiny_full", overrides), out)
+        return out / "final" / "model"
+
+    # -- 3. stage 1
+
+    def stage1(self) -> Path:
+        """``tune run povid_hallucinate`` (rules backend) on the preference images' captions."""
+        out = self.out / "stage1"
+        overrides = [f"data_file={self.world_dir / 'pref.json'}", f"output_dir={out}",
+                     f"seed={self.settings.world.seed}", *self.settings.stage1_overrides]  # fmt: skip
+        self._run("stage1", "3/6 povid_hallucinate (rules): stage 1, hallucinated rewrites",
+                  tune_command("povid_hallucinate", "povid_hallucinate_rules", overrides), out)  # fmt: skip
+        return out / "preferences.jsonl"
+
+    # -- 4. stage 2
+
+    def stage2(self, base: Path, stage1_file: Path) -> Path:
+        """``tune run povid_distort``: the base model's answers on noised images."""
+        s = self.settings
+        out = self.out / "stage2"
+        overrides = {
+            "checkpoint_dir": base, "data_file": stage1_file, "image_dir": self.images, "output_dir": out,
+            "batch_size": s.gen_batch_size, "max_new_tokens": s.caption_tokens, "seed": s.world.seed,
+        }  # fmt: skip
+        self._run("stage2", "4/6 povid_distort: stage 2, answers on noised images",
+                  tune_command("povid_distort", "povid_distort", overrides), out)  # fmt: skip
+        return out / "preferences.jsonl"
+
+    # -- 5. preference training
+
+    def dpo(self, base: Path, data_file: Path, name: str = "povid", extra: Sequence[str] = (),
+            title: str = "5/6 povid_dpo: POVID preference training") -> Path:  # fmt: skip
+        """``tune run povid_dpo``; returns the final merged model directory."""
+        s = self.settings
+        out = self.out / name
+        overrides = [
+            f"checkpoint_dir={base}", f"data_file={data_file}", f"image_dir={self.images}",
+            f"output_dir={out}", f"batch_size={s.dpo_batch_size}", f"epochs={s.dpo_epochs}",
+            f"seed={s.world.seed}", "noise.source=dataset", "log_every_n_steps=10",
+            *s.dpo_overrides, *extra,
+        ]  # fmt: skip
+        if s.dpo_max_steps is not None:
+            overrides.append(f"max_steps={s.dpo_max_steps}")
+        self._run(name, title, tune_command("povid_dpo", s.dpo_config, overrides), out)
+        return out / "final" / "model"
+
+    # -- 6. evaluation
+
+    def evaluate(self, model: Path, name: str, title: str = "6/6 povid_eval") -> Dict[str, Path]:
+        """CHAIR and POPE of ``model`` on the held-out split; returns the results files."""
+        s = self.settings
+        split = s.eval_split
+        common = {
+            "checkpoint_dir": model, "annotations_dir": self.world_dir / "annotations",
+            "coco_instances_file": f"instances_{split}.json", "image_dir": self.images,
+            "num_images": "null" if s.eval_images is None else s.eval_images,
+            "batch_size": s.gen_batch_size, "run_name": name,
+        }  # fmt: skip
+        chair = {**common, "coco_captions_file": f"captions_{split}.json", "max_new_tokens": s.caption_tokens,
+                 "output_dir": self.out / "eval" / f"{name}_chair"}  # fmt: skip
+        pope = {**common, "objects_per_image": 1, "max_new_tokens": 8, "output_dir": self.out / "eval" / f"{name}_pope"}
+        self._run(f"eval_{name}_chair", f"{title} CHAIR: {name}", tune_command("povid_eval", "eval_chair_coco", chair),
+                  chair["output_dir"])  # fmt: skip
+        self._run(f"eval_{name}_pope", f"{title} POPE: {name}", tune_command("povid_eval", "eval_pope_coco", pope),
+                  pope["output_dir"])  # fmt: skip
+        return {"chair": chair["output_dir"] / "results.json", "pope": pope["output_dir"] / "results.json"}
+
+
+# --------------------------------------------------------------------------------- reporting
+
+
+def companion_hallucination_rate(chair_result: Mapping[str, Any]) -> float:
+    """Fraction of captions that name an absent companion of an object that is there: the
+    world's language-prior failure, read from CHAIR's per-caption details."""
+    captions = chair_result.get("details", [])
+    hits = 0
+    for c in captions:
+        truth = set(c["ground_truth"])
+        wrong = {obj for _, obj in c["hallucinated"]}
+        hits += any(COMPANION.get(obj) in truth for obj in wrong)
+    return hits / len(captions) if captions else 0.0
+
+
+def summary_rows(results: Mapping[str, Mapping[str, Path]]) -> List[Dict[str, Any]]:
+    """One row of headline numbers per run: ``{"name", "chair_s", "chair_i", "recall",
+    "length", "companion", "pope_f1" (mean of the splits), "pope_adversarial_f1", ...}``."""
+    from povid.metrics.report import read_results
+
+    rows = []
+    for name, files in results.items():
+        chair, pope = read_results(files["chair"]), read_results(files["pope"])
+        m, splits = chair["metrics"], pope["metrics"]
+        rows.append(
+            {
+                "name": name,
+                "chair_s": 100 * m["chair_s"],
+                "chair_i": 100 * m["chair_i"],
+                "recall": 100 * m["recall"],
+                "length": m["mean_length"],
+                "companion": 100 * companion_hallucination_rate(chair),
+                "pope_f1": 100 * sum(v["f1"] for v in splits.values()) / len(splits),
+                **{f"pope_{k}_f1": 100 * v["f1"] for k, v in splits.items()},
+                "pope_yes": 100 * sum(v["yes_ratio"] for v in splits.values()) / len(splits),
+                "captions": m["num_captions"],
+            }
+        )
+    return rows
+
+
+_COLUMNS = [
+    ("chair_s", "CHAIR_S %"), ("chair_i", "CHAIR_I %"), ("recall", "recall %"), ("length", "words"),
+    ("companion", "companion %"), ("pope_f1", "POPE F1 %"), ("pope_adversarial_f1", "POPE adv F1 %"),
+    ("pope_yes", "POPE yes %"),
+]  # fmt: skip
+
+
+def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of :func:`summary_rows`, runs as rows, plus each run's change vs the first."""
+    header = ["model"] + [label for _, label in _COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    base = rows[0]
+    for row in rows:
+        cells = [row["name"]]
+        for key, _ in _COLUMNS:
+            value = row.get(key)
+            if value is None:
+                cells.append("-")
+            elif row is base:
+                cells.append(f"{value:.1f}")
+            else:
+                cells.append(f"{value:.1f} ({value - base[key]:+.1f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _read_metrics(path: Path) -> List[Dict[str, float]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _smooth(values: List[float], window: int) -> List[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _plot(draw, font, box, title: str, series: Sequence[tuple]) -> None:
+    """A line chart in ``box``: ``series`` = ``(label, ys, colour)``; x is the step."""
+    x0, y0, x1, y1 = box
+    draw.rectangle(box, outline=(0, 0, 0))
+    draw.text((x0 + 4, y0 - 18), title, fill=(0, 0, 0), font=font)
+    ys_all = [y for _, ys, _ in series for y in ys]
+    if not ys_all:
+        draw.text((x0 + 8, y0 + 8), "(no data)", fill=(0, 0, 0), font=font)
+        return
+    lo, hi = min(ys_all), max(ys_all)
+    hi = hi if hi > lo else lo + 1
+    pad = 6
+    for i, (label, ys, colour) in enumerate(series):
+        if len(ys) < 2:
+            continue
+        points = [
+            (x0 + pad + (x1 - x0 - 2 * pad) * k / (len(ys) - 1), y1 - pad - (y1 - y0 - 2 * pad) * (y - lo) / (hi - lo))
+            for k, y in enumerate(ys)
+        ]
+        draw.line(points, fill=colour, width=2)
+        draw.text((x1 - 150, y0 + 4 + 16 * i), f"{label}: {ys[-1]:.3g}", fill=colour, font=font)
+    draw.text((x0 + 4, y0 + 2), f"{hi:.3g}", fill=(90, 90, 90), font=font)
+    draw.text((x0 + 4, y1 - 16), f"{lo:.3g}", fill=(90, 90, 90), font=font)
+
+
+def _wrap_words(words: List[tuple], font, width: int) -> List[List[tuple]]:
+    lines, line, used = [], [], 0
+    space = font.getlength(" ")
+    for word, colour in words:
+        w = font.getlength(word)
+        if line and used + w > width:
+            lines.append(line)
+            line, used = [], 0
+        line.append((word, colour))
+        used += w + space
+    if line:
+        lines.append(line)
+    return lines
+
+
+def _caption_words(text: str, hallucinated: set) -> List[tuple]:
+    """Words of a caption, coloured red when they name a hallucinated object."""
+    from povid.metrics.chair import singularize, tokenize
+
+    out = []
+    for word in text.split():
+        tokens = tokenize(word)
+        bad = any(singularize(t) in hallucinated for t in tokens)
+        out.append((word, (200, 0, 0) if bad else (0, 0, 0)))
+    return out
+
+
+def draw_summary(
+    out_file: Path,
+    *,
+    sft_metrics: Path,
+    dpo_metrics: Path,
+    base_chair: Path,
+    povid_chair: Path,
+    image_dir: Path,
+    annotations_file: Path,
+    rows: Sequence[Mapping[str, Any]],
+    n_examples: int = 6,
+) -> Path:
+    """Draw ``out_file`` (PNG, Pillow only): SFT and DPO training curves, the table's headline
+    numbers, and test images where the base and POVID captions differ (hallucinated words red)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from povid.metrics.report import read_results
+
+    font = ImageFont.load_default(size=13)
+    bold = ImageFont.load_default(size=16)
+    width = 1400
+    canvas = Image.new("RGB", (width, 1500), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((20, 12), "POVID on the synthetic world: base (SFT) vs POVID", fill=(0, 0, 0), font=bold)
+
+    sft = _read_metrics(sft_metrics)
+    dpo = _read_metrics(dpo_metrics)
+    window = 20
+    _plot(draw, font, (20, 60, 460, 300), "llava_sft: loss per step",
+          [("loss", _smooth([r["loss"] for r in sft], window), (31, 90, 220))])  # fmt: skip
+    _plot(draw, font, (480, 60, 920, 300), "povid_dpo: loss and reward accuracy",
+          [("loss", _smooth([r["loss"] for r in dpo], window), (214, 39, 40)),
+           ("accuracy", _smooth([r.get("rewards/accuracy", 0) for r in dpo], window), (44, 160, 44))])  # fmt: skip
+    _plot(draw, font, (940, 60, 1380, 300), "povid_dpo: log-prob of chosen / rejected",
+          [("chosen", _smooth([r.get("logps/chosen", 0) for r in dpo], window), (31, 90, 220)),
+           ("rejected", _smooth([r.get("logps/rejected", 0) for r in dpo], window), (214, 39, 40))])  # fmt: skip
+
+    y = 320
+    for row in rows:
+        text = (f"{row['name']:<8} CHAIR_S {row['chair_s']:.1f}   CHAIR_I {row['chair_i']:.1f}   recall "
+                f"{row['recall']:.1f}   companion {row['companion']:.1f}   POPE F1 {row['pope_f1']:.1f}")  # fmt: skip
+        draw.text((20, y), text, fill=(0, 0, 0), font=font)
+        y += 18
+
+    base = {c["image_id"]: c for c in read_results(base_chair).get("details", [])}
+    tuned = {c["image_id"]: c for c in read_results(povid_chair).get("details", [])}
+    files = {i["id"]: i["file_name"] for i in json.loads(annotations_file.read_text())["images"]}
+    differ = [i for i in sorted(base) if i in tuned and base[i]["caption"] != tuned[i]["caption"]]
+    # Images where the base hallucinated first, then the others; in id order within each group.
+    chosen = ([i for i in differ if base[i]["hallucinated"]] + [i for i in differ if not base[i]["hallucinated"]])[:n_examples]
+    y += 12
+    draw.text((20, y), f"Test images whose captions differ ({len(differ)} of {len(base)}; first {len(chosen)}, "
+              "base hallucinating first). Red: object not in the image.", fill=(0, 0, 0), font=font)  # fmt: skip
+    y += 24
+    for image_id in chosen:
+        image = Image.open(image_dir / files[image_id]).convert("RGB").resize((128, 128), Image.NEAREST)
+        canvas.paste(image, (20, y))
+        text_x, text_w, line_y = 160, width - 180, y
+        for label, caption in (("truth", None), ("base", base[image_id]), ("POVID", tuned[image_id])):
+            if caption is None:
+                words = [(w, (90, 90, 90)) for w in ", ".join(base[image_id]["ground_truth"]).split()]
+            else:
+                words = _caption_words(caption["caption"], {w for w, _ in caption["hallucinated"]})
+            draw.text((text_x, line_y), f"{label}:", fill=(0, 0, 0), font=bold)
+            for line in _wrap_words(words, font, text_w - 70):
+                x = text_x + 70
+                for word, colour in line:
+                    draw.text((x, line_y + 2), word, fill=colour, font=font)
+                    x += font.getlength(word + " ")
+                line_y += 17
+        y = max(y + 136, line_y + 8)
+    canvas = canvas.crop((0, 0, width, min(canvas.height, y + 10)))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_file)
     return out_file
+
+
+def run_demo(
+    output_dir: str | Path = "povid_outputs/demo", quick: bool = False, seed: int = 0
+) -> Dict[str, Any]:
+    """Run the whole chain (see the module docstring). Returns the summary rows and paths."""
+    start = time.perf_counter()
+    settings = DEMO_SIZES["quick" if quick else "default"]
+    settings = replace(settings, world=replace(settings.world, seed=seed))
+    demo = Demo(output_dir, settings)
+    _say(f"POVID on a synthetic world, {'quick' if quick else 'full'} size, into {demo.out}")
+    demo.world()
+    base = demo.sft()
+    stage1 = demo.stage1()
+    stage2 = demo.stage2(base, stage1)
+    tuned = demo.dpo(base, stage2)
+    results = {"base": demo.evaluate(base, "base"), "povid": demo.evaluate(tuned, "povid")}
+    rows = summary_rows(results)
+    table = summary_table(rows)
+    figure = draw_summary(
+        demo.out / "summary.png",
+        sft_metrics=demo.out / "sft" / "metrics.jsonl",
+        dpo_metrics=demo.out / "povid" / "metrics.jsonl",
+        base_chair=results["base"]["chair"],
+        povid_chair=results["povid"]["chair"],
+        image_dir=demo.images,
+        annotations_file=demo.world_dir / "annotations" / f"instances_{settings.eval_split}.json",
+        rows=rows,
+    )
+    (demo.out / "summary.md").write_text(table)
+    (demo.out / "summary.json").write_text(json.dumps({"rows": rows, "seconds": demo.seconds}, indent=2) + "\n")
+    elapsed = time.perf_counter() - start
+    n = rows[0]["captions"]
+    print()
+    _say(f"held-out balanced test images: {n} (companion absent in half of those showing its partner)")
+    print(table)
+    _say("companion %: captions naming the absent companion of an object that is there")
+    _say(f"figure: {figure}    table: {demo.out / 'summary.md'}")
+    _say(f"total {elapsed / 60:.1f} min (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo.seconds.items()) + ")")
+    return {"rows": rows, "table": table, "figure": figure, "seconds": demo.seconds, "elapsed": elapsed}

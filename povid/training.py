@@ -17,11 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.model_fusion import get_fusion_params
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from povid.loss import sequence_logprobs
 from povid_data.transforms import IGNORE_INDEX
 
 __all__ = [
@@ -195,3 +193,143 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Added for llava_sft (usable by any recipe): supervised loss, a trainable vision tower, and the
+# step_N checkpoint convention (adapters, merged llava-hf model, recipe state, ``final`` link).
+# ---------------------------------------------------------------------------------------------
+
+__all__ += [
+    "shifted_cross_entropy",
+    "set_vision_trainable",
+    "model_state_for_save",
+    "save_step_checkpoint",
+    "link_final",
+    "restore_step_checkpoint",
+    "vision_param_groups",
+]
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) tokens.
+
+    ``logits[:, t]`` predicts ``labels[:, t + 1]``; positions labelled -100 are ignored. (Unlike
+    ``rlhf.get_batch_log_probs``, ``F.cross_entropy`` does not shift: it is done here.)
+    """
+    shifted = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    return torch.nn.functional.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def set_vision_trainable(model: nn.Module, trainable: Set[str]) -> Set[str]:
+    """Also train the CLIP layers that run (``encoders.image.clip.*``), on top of ``trainable``
+    (what :func:`set_trainable` returned). Useful for a model whose tower is not pretrained (the
+    synthetic world's); LLaVA-1.5 keeps CLIP frozen. Returns the new set of trainable names."""
+    names = set(trainable) | {n for n, _ in model.named_parameters() if n.startswith("encoders.image.clip.")}
+    set_trainable_params(model, names)
+    return names
+
+
+def model_state_for_save(
+    model: nn.Module, *, distributed: bool, is_rank_zero: bool
+) -> Dict[str, torch.Tensor]:
+    """The full state dict on CPU (gathered under FSDP2; a copy on one device, so merging LoRA
+    into it never touches the live weights)."""
+    if distributed:
+        from torchtune import training as tune_training
+
+        return tune_training.gather_cpu_state_dict(model, is_rank_zero)
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def link_final(output_dir: str | Path, step_dir: Path) -> None:
+    """Point ``output_dir/final`` at ``step_dir`` (a stable name for what comes next)."""
+    link = Path(output_dir) / "final"
+    link.unlink(missing_ok=True)
+    link.symlink_to(step_dir.name)
+
+
+def save_step_checkpoint(
+    checkpointer: Any,
+    step_dir: Path,
+    state: Dict[str, torch.Tensor],
+    trainable: Set[str],
+    recipe_state: Dict[str, Any],
+    *,
+    lora: bool,
+    save_model: bool,
+    dtype: torch.dtype,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    adapter_config: Optional[Dict[str, Any]] = None,
+) -> None:
+    """Write ``step_dir``: ``adapter/`` (LoRA), ``model/`` (merged llava-hf weights, when
+    ``save_model`` or not LoRA) and ``recipe_state.pt`` last, so a directory with a recipe state
+    is complete (:func:`latest_checkpoint`). ``state`` is the full state dict on CPU;
+    ``trainable`` names what trains, kept in the recipe state of LoRA runs for resuming.
+    ``checkpointer`` is the run's :class:`povid.checkpoint.LlavaCheckpointer` (its output dir is
+    ``step_dir``'s parent)."""
+    from torchtune.modules.peft import get_merged_lora_ckpt
+
+    trained = {k: v for k, v in state.items() if k in trainable}
+    if lora:
+        checkpointer.save_adapter(trained, step_dir / "adapter", adapter_config or {})
+    if save_model or not lora:
+        merged = (
+            get_merged_lora_ckpt(
+                {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                rank=lora_rank,
+                alpha=lora_alpha,
+            )
+            if lora
+            else state
+        )
+        checkpointer.save_checkpoint(merged, name=f"{step_dir.name}/model")
+    atomic_torch_save({**recipe_state, "trainable": trained if lora else None}, step_dir / "recipe_state.pt")
+
+
+def restore_step_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step_dir: Path,
+    *,
+    lora: bool,
+    distributed: bool,
+    device: torch.device,
+) -> Dict[str, Any]:
+    """Load what :func:`save_step_checkpoint` wrote into ``model`` and ``optimizer``; returns the
+    recipe state (step, epoch, scheduler, ... as the recipe stored them)."""
+    from povid.checkpoint import LlavaCheckpointer, load_model_state
+
+    state = torch.load(step_dir / "recipe_state.pt", weights_only=False)
+    if lora:
+        model.load_state_dict(state["trainable"], strict=False)
+    else:
+        weights = LlavaCheckpointer(step_dir / "model").load_checkpoint()["model"]
+        if distributed:
+            from torchtune import training as tune_training
+
+            tune_training.load_from_full_model_state_dict(model, weights, device, strict=True)
+        else:
+            load_model_state(model, weights, step_dir / "model")
+    if distributed:
+        from torchtune import training as tune_training
+
+        tune_training.load_from_full_optimizer_state_dict(model, optimizer, state["optimizer"], device)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def vision_param_groups(model: nn.Module, lr: float, vision_lr_scale: float = 1.0) -> List[Dict[str, Any]]:
+    """Optimizer parameter groups: the trainable CLIP-tower parameters at ``lr *
+    vision_lr_scale`` (LLaVA-OneVision-style training of the tower at a lower rate), the other
+    trainable parameters at ``lr``. Empty groups are left out."""
+    tower, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (tower if name.startswith("encoders.image.clip.") else rest).append(param)
+    groups = [{"params": rest}] if rest else []
+    if tower:
+        groups.append({"params": tower, "lr": lr * vision_lr_scale})
+    return groups

@@ -267,15 +267,17 @@ class CooccurrenceTable:
 
     pairs: Dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     frequency: Counter = field(default_factory=Counter)
+    colours: Counter = field(default_factory=Counter)  # colour words, per record that uses them
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], vocabulary: ObjectVocabulary) -> "CooccurrenceTable":
         """Count, over ``texts`` (one per record: its ground-truth answers), which categories
-        appear together."""
+        appear together, and which colour words the data uses."""
         table = cls()
         for text in texts:
             present = sorted(vocabulary.categories(text))
             table.frequency.update(present)
+            table.colours.update({m.group(1).lower() for m in _COLOUR_RE.finditer(text)})
             for a in present:
                 for b in present:
                     if a != b:
@@ -388,6 +390,9 @@ class RulesHallucinator:
             companions, weighted by co-occurrence count.
         addition_templates: sentences for ``object_addition``.
         vocabulary: the object nouns; COCO's by default.
+        only_seen: inject only objects and colours that the input data mentions somewhere, so
+            a rewrite never uses a word the data (and a model trained on it) never says; for
+            narrow domains. Off: any COCO object or common colour.
     """
 
     # Edits are applied in this order; the added sentence comes last so that no other edit
@@ -404,6 +409,7 @@ class RulesHallucinator:
         top_companions: int = 5,
         addition_templates: Sequence[str] = tuple(DEFAULT_ADDITION_TEMPLATES),
         vocabulary: Optional[ObjectVocabulary] = None,
+        only_seen: bool = False,
     ) -> None:
         unknown = set(kinds) - set(KINDS)
         if unknown:
@@ -417,6 +423,7 @@ class RulesHallucinator:
         self.top_companions = top_companions
         self.addition_templates = list(addition_templates)
         self.vocabulary = vocabulary or ObjectVocabulary()
+        self.only_seen = only_seen
 
     def rewrite(self, record_id: Any, answer: str, context: str = "") -> Rewrite:
         """Hallucinate into ``answer``.
@@ -468,7 +475,11 @@ class RulesHallucinator:
         """
 
         def allowed(category: str) -> bool:
-            return category not in exclude and (group is None or SUPERCATEGORY.get(category) == group)
+            return (
+                category not in exclude
+                and (group is None or SUPERCATEGORY.get(category) == group)
+                and (not self.only_seen or category in self.table.frequency)
+            )
 
         candidates: List[Tuple[str, int]] = []
         source = "cooccurrence"
@@ -567,7 +578,12 @@ class RulesHallucinator:
         word = match.group(1).lower()
         if word in _COLOURS:
             same = {"gray", "grey"} if word in ("gray", "grey") else {word}
-            new = rng.choice([c for c in _COLOUR_TARGETS if c not in same])
+            targets = [c for c in _COLOUR_TARGETS if c not in same]
+            if self.only_seen:
+                targets = [c for c in targets if c in self.table.colours]
+            if not targets:
+                return []
+            new = rng.choice(targets)
         else:
             new = _SIZE_SWAPS[word]
         return [{"kind": "attribute", "offset": match.start(1), "from": match.group(1),

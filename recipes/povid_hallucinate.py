@@ -130,6 +130,7 @@ class HallucinateRecipe:
                 top_companions=cfg.rules.top_companions,
                 addition_templates=list(cfg.rules.addition_templates),
                 vocabulary=vocabulary,
+                only_seen=cfg.rules.get("only_seen", False),
             )
         else:
             self._setup_openai()

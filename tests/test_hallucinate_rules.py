@@ -209,6 +209,33 @@ def test_edit_details(table):
     assert relation.rewrite("c", "A cup to the left of a plate.").text == "A cup to the right of a plate."
 
 
+def test_only_seen_injects_only_objects_and_colours_the_data_mentions(vocabulary):
+    # A narrow domain: two food objects and two colours. COCO would offer a sandwich for a pizza
+    # and brown for red; with only_seen a rewrite stays in the data's own words.
+    answers = ["A red pizza and a blue donut.", "A red pizza.", "A blue donut.", "A red donut and a blue pizza."]
+    table = CooccurrenceTable.from_texts(answers, vocabulary)
+    assert set(table.colours) == {"red", "blue"}
+    narrow = RulesHallucinator(table, seed=0, kinds=["object_swap", "object_addition", "attribute"],
+                               only_seen=True, vocabulary=vocabulary)  # fmt: skip
+    broad = RulesHallucinator(table, seed=0, kinds=["object_swap", "object_addition", "attribute"],
+                              vocabulary=vocabulary)  # fmt: skip
+    narrow_words, broad_words = set(), set()
+    for i in range(40):
+        for h, words in ((narrow, narrow_words), (broad, broad_words)):
+            for edit in h.rewrite(f"r{i}", "A red pizza is on the table.").edits:
+                words.update(re.findall(r"[a-z]+", edit["to"].lower()))
+    # The pizza's only seen companion is a donut; red can only become blue.
+    assert {"donut", "blue"} <= narrow_words
+    assert not narrow_words & ({"sandwich", "cake", "hot", "dog"} | set(c for c in _all_colours() if c not in ("red", "blue")))
+    assert broad_words - narrow_words  # without it, other COCO objects or colours appear
+
+
+def _all_colours():
+    from povid_data.hallucinate_rules import _COLOURS
+
+    return _COLOURS
+
+
 # ---- validation helpers -----------------------------------------------------------------------
 
 

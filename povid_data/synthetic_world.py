@@ -1,0 +1,459 @@
+"""A synthetic visual world where hallucination is measured exactly (the offline demo's data).
+
+Images (64 x 64, Pillow) hold one to three objects, at most one per quadrant. Each object has a
+*kind* (six COCO categories, so CHAIR and POPE score it unchanged), a *colour*, a *size* and a
+*position*; the image has a *count*. Every kind is drawn as its own clearly different silhouette
+(triangle, ring, square, disc with hands, diamond, flat ellipse) at a size the vision tower
+resolves, so what the model gets wrong is not perception of small or look-alike things.
+
+The kinds come in companion pairs (pizza & donut, book & clock, kite & frisbee). In the training
+distribution a kind's companion is in the image about 80 % of the time, so a captioner learns the
+language prior "after a pizza comes a donut"; the failure POVID targets is the model adding the
+companion when it is *not* there. The ``balanced`` distribution keeps the companion in only half
+of the images that show its partner, which exposes that prior.
+
+Ground truth is exact: each caption is generated from the scene, object by object in a fixed
+kind order (partners adjacent): the kind and where it is, then its size and colour; then the count::
+
+    A pizza is in the top left corner. It is large and red. A donut is in the bottom right
+    corner. It is small and blue. There are two objects in total.
+
+Files written by :func:`make_world` (``out_dir``)::
+
+    images/<split>_<id>.png
+    annotations/instances_<split>.json, captions_<split>.json   (COCO format, for CHAIR / POPE)
+    sft.json        LLaVA instruction records of ``train``: per image its description, and a
+                    conversation of yes/no questions about present and absent kinds
+    pref.json       LLaVA description records of ``pref`` (POVID's preference images)
+    <split>.json    LLaVA description records of every split (ground truth of each image)
+    world.json      the world's settings and measured statistics
+
+Splits: ``train`` (SFT, training distribution), ``pref`` (fresh images of the training
+distribution for preference tuning), ``test`` (held out, balanced: the headline evaluation) and
+``test_iid`` (held out, training distribution). Everything is deterministic given ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "KINDS",
+    "COMPANION",
+    "COLOURS",
+    "SIZES",
+    "POSITIONS",
+    "COCO_CATEGORY_IDS",
+    "DESCRIBE_PROMPTS",
+    "EVAL_DESCRIBE_PROMPT",
+    "YES_NO_SUFFIX",
+    "WorldObject",
+    "Scene",
+    "WorldConfig",
+    "sample_scene",
+    "caption",
+    "render",
+    "make_world",
+    "addition_templates",
+    "world_corpus",
+    "companion_stats",
+]
+
+# Kind order = caption order; partners are adjacent, so the companion follows its partner.
+KINDS: Tuple[str, ...] = ("pizza", "donut", "book", "clock", "kite", "frisbee")
+PAIRS: Tuple[Tuple[str, str], ...] = (("pizza", "donut"), ("book", "clock"), ("kite", "frisbee"))
+COMPANION: Dict[str, str] = {a: b for a, b in PAIRS} | {b: a for a, b in PAIRS}
+# The real COCO category ids and supercategories of the six kinds.
+COCO_CATEGORY_IDS: Dict[str, int] = {
+    "frisbee": 34, "kite": 38, "pizza": 59, "donut": 60, "book": 84, "clock": 85,
+}  # fmt: skip
+_SUPERCATEGORY = {"pizza": "food", "donut": "food", "book": "indoor", "clock": "indoor",
+                  "kite": "sports", "frisbee": "sports"}  # fmt: skip
+
+COLOURS: Dict[str, Tuple[int, int, int]] = {
+    "red": (214, 39, 40),
+    "green": (44, 160, 44),
+    "blue": (31, 90, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 60, 180),
+}
+SIZES: Dict[str, int] = {"small": 16, "large": 26}  # bounding-box side in pixels
+POSITIONS: Tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
+BACKGROUND = (238, 238, 238)
+IMAGE_SIZE = 64
+
+_NUMBERS = {1: "one", 2: "two", 3: "three"}
+
+DESCRIBE_PROMPTS: Tuple[str, ...] = (
+    "Please describe this image in detail.",
+    "Describe this image in detail.",
+    "What objects are in this image? Describe them.",
+)
+EVAL_DESCRIBE_PROMPT = DESCRIBE_PROMPTS[0]  # = eval_chair_coco's pinned prompt
+YES_NO_SUFFIX = "\nAnswer the question using a single word or phrase."  # = eval_pope_coco's
+QUESTION_TEMPLATE = "Is there a {object} in the image?"
+
+
+@dataclass(frozen=True)
+class WorldObject:
+    """One object of a scene."""
+
+    kind: str
+    colour: str
+    size: str
+    position: str
+
+
+@dataclass
+class Scene:
+    """One image's content: objects in caption order."""
+
+    objects: List[WorldObject]
+
+    @property
+    def kinds(self) -> List[str]:
+        """The kinds present, in caption order."""
+        return [o.kind for o in self.objects]
+
+
+@dataclass
+class WorldConfig:
+    """Sizes and statistics of the world (defaults: the demo's full size).
+
+    ``sft_questions``: yes/no questions per training image in ``sft.json``.
+    ``companion_rate``: in the training distribution, the probability that a kind's companion is
+    in the image given that the kind is (about 0.8); ``balanced_companion_rate``: the same in the
+    balanced test split (0.5). ``pair_probability`` of a scene unit is derived from them.
+    """
+
+    seed: int = 0
+    train: int = 8000
+    pref: int = 2000
+    test: int = 600
+    test_iid: int = 300
+    companion_rate: float = 0.8
+    balanced_companion_rate: float = 0.5
+    sft_questions: int = 3
+    image_size: int = IMAGE_SIZE
+    splits: Dict[str, str] = field(
+        default_factory=lambda: {"train": "iid", "pref": "iid", "test": "balanced", "test_iid": "iid"}
+    )
+
+
+def _pair_probability(companion_rate: float) -> float:
+    """Probability that a scene unit is a full pair, for a target P(companion | kind).
+
+    :func:`sample_scene` draws one unit (2/3) or two (1/3); a unit is a pair with probability
+    p, else a single object. Counting objects with and without their companion gives
+    ``rate = (8p - 2p^2) / (4 + 4p - p^2)``; this solves it for p.
+    """
+    r = companion_rate
+    if not 0.0 <= r <= 6 / 7:
+        raise ValueError(f"companion rate must be in [0, 6/7] (at most 3 objects per image), got {r}")
+    return ((8 - 4 * r) - math.sqrt(64 - 96 * r + 32 * r * r)) / (2 * (2 - r))
+
+
+def sample_scene(rng: random.Random, companion_rate: float) -> Scene:
+    """A random scene: one or two units (a companion pair or a single object), at most three
+    objects of distinct kinds, each in its own quadrant."""
+    p_pair = _pair_probability(companion_rate)
+    kinds: List[str] = []
+    for unit in range(rng.choice((1, 1, 2))):
+        pair = rng.choice([p for p in PAIRS if p[0] not in kinds and p[1] not in kinds])
+        if 3 - len(kinds) >= 2 and rng.random() < p_pair:
+            kinds.extend(pair)
+        else:
+            kinds.append(rng.choice(pair))
+    positions = rng.sample(POSITIONS, len(kinds))
+    objects = [
+        WorldObject(kind, rng.choice(tuple(COLOURS)), rng.choice(tuple(SIZES)), position)
+        for kind, position in zip(kinds, positions)
+    ]
+    objects.sort(key=lambda o: KINDS.index(o.kind))
+    return Scene(objects)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(scene: Scene) -> str:
+    """The exact ground-truth description of a scene."""
+    sentences = []
+    for o in scene.objects:
+        sentences.append(f"{_article(o.kind).capitalize()} {o.kind} is in the {o.position} corner. It is {o.size} and {o.colour}.")
+    n = len(scene.objects)
+    sentences.append("There is one object in total." if n == 1 else f"There are {_NUMBERS[n]} objects in total.")
+    return " ".join(sentences)
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _draw_pizza(draw: ImageDraw.ImageDraw, box, colour) -> None:
+    x0, y0, x1, y1 = box
+    draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=colour)
+
+
+def _draw_donut(draw: ImageDraw.ImageDraw, box, colour) -> None:
+    x0, y0, x1, y1 = box
+    draw.ellipse(box, fill=colour)
+    inset = (x1 - x0) * 0.3
+    draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=BACKGROUND)
+
+
+def _draw_book(draw: ImageDraw.ImageDraw, box, colour) -> None:
+    x0, y0, x1, y1 = box
+    inset = (x1 - x0) * 0.08
+    draw.rectangle((x0 + inset, y0, x1 - inset, y1), fill=colour)
+
+
+def _draw_clock(draw: ImageDraw.ImageDraw, box, colour) -> None:
+    x0, y0, x1, y1 = box
+    draw.ellipse(box, fill=colour)
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    width = max(1, round(r / 4))
+    draw.line((cx, cy, cx, cy - 0.75 * r), fill=(255, 255, 255), width=width)
+    draw.line((cx, cy, cx + 0.6 * r, cy), fill=(255, 255, 255), width=width)
+
+
+def _draw_kite(draw: ImageDraw.ImageDraw, box, colour) -> None:
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half_w = (x1 - x0) * 0.38
+    draw.polygon([(cx, y0), (cx + half_w, cy), (cx, y1), (cx - half_w, cy)], fill=colour)
+
+
+def _draw_frisbee(draw: ImageDraw.ImageDraw, box, colour) -> None:
+    x0, y0, x1, y1 = box
+    cy, half_h = (y0 + y1) / 2, (y1 - y0) * 0.22
+    draw.ellipse((x0, cy - half_h, x1, cy + half_h), fill=colour)
+
+
+_DRAW: Dict[str, Callable] = {
+    "pizza": _draw_pizza, "donut": _draw_donut, "book": _draw_book,
+    "clock": _draw_clock, "kite": _draw_kite, "frisbee": _draw_frisbee,
+}  # fmt: skip
+
+
+def _box(o: WorldObject, image_size: int, rng: random.Random) -> Tuple[float, float, float, float]:
+    """The object's bounding box: centred in its quadrant, jittered by a few pixels."""
+    quadrant = image_size / 2
+    side = SIZES[o.size] * image_size / IMAGE_SIZE
+    row, col = (0 if o.position.startswith("top") else 1), (0 if o.position.endswith("left") else 1)
+    slack = max(0.0, (quadrant - side) / 2 - 1)
+    jitter = min(3.0, slack)
+    cx = col * quadrant + quadrant / 2 + rng.uniform(-jitter, jitter)
+    cy = row * quadrant + quadrant / 2 + rng.uniform(-jitter, jitter)
+    return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+
+
+def render(scene: Scene, rng: random.Random, image_size: int = IMAGE_SIZE) -> Tuple[Image.Image, List[list]]:
+    """Draw a scene; returns the image and each object's COCO bbox ``[x, y, w, h]``."""
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    boxes = []
+    for o in scene.objects:
+        box = _box(o, image_size, rng)
+        _DRAW[o.kind](draw, box, COLOURS[o.colour])
+        boxes.append([round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)])
+    return image, boxes
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _describe_record(record_id: str, image: str, text: str, prompt: str) -> dict:
+    return {
+        "id": record_id,
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{prompt}"},
+            {"from": "gpt", "value": text},
+        ],
+    }
+
+
+def _yes_no_turns(scene: Scene, rng: random.Random) -> List[dict]:
+    """A yes/no question about the image: a present or an absent kind, equally often."""
+    present = scene.kinds
+    absent = [k for k in KINDS if k not in present]
+    ask_present = rng.random() < 0.5 or not absent
+    kind = rng.choice(present if ask_present else absent)
+    question = QUESTION_TEMPLATE.format(object=kind) + YES_NO_SUFFIX
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": "Yes" if ask_present else "No"}]
+
+
+def _sft_records(
+    record_id: str, image: str, text: str, prompt: str, scene: Scene, questions: int, rng: random.Random
+) -> List[dict]:
+    """LLaVA-style instruction data for one image: its description, and (a separate
+    conversation) ``questions`` yes/no questions about present and absent kinds, as LLaVA-1.5
+    mixes detailed descriptions with short-answer VQA. Both start a conversation, as CHAIR and
+    POPE ask them; a question never follows the description, so it is answered from the image.
+    One-word answers carry little of a batch's loss, hence several per image."""
+    records = [_describe_record(record_id, image, text, prompt)]
+    if questions:
+        turns = [turn for _ in range(questions) for turn in _yes_no_turns(scene, rng)]
+        turns[0] = {"from": "human", "value": f"<image>\n{turns[0]['value']}"}
+        records.append({"id": f"{record_id}-qa", "image": image, "conversations": turns})
+    return records
+
+
+def addition_templates() -> List[str]:
+    """``object_addition`` sentences for the ``rules`` stage-1 backend in the world's caption
+    grammar (every position, size and colour), so an added object reads like the ground truth's,
+    as a stage-1 model rewriting in the caption's own style writes it."""
+    return [
+        f"{{Object}} is in the {position} corner. It is {size} and {colour}."
+        for position in POSITIONS
+        for size in SIZES
+        for colour in COLOURS
+    ]
+
+
+def world_corpus() -> List[str]:
+    """Text the world's SentencePiece tokenizer is trained on: every caption word, question and
+    the vicuna_v1 prompt template (a few hundred sentences cover the whole vocabulary), plus
+    the sentences of the ``rules`` stage-1 backend, as a real tokenizer knows common words."""
+    from povid_data.hallucinate_rules import DEFAULT_ADDITION_TEMPLATES
+    from povid_data.transforms import VICUNA_V1_SYSTEM
+
+    rng = random.Random(0)
+    lines = [VICUNA_V1_SYSTEM, "USER: ASSISTANT:", "Yes", "No", *DESCRIBE_PROMPTS]
+    lines += [t.format(object="a pizza", Object="A pizza", anchor="clock") for t in DEFAULT_ADDITION_TEMPLATES]
+    for kind in KINDS:
+        lines.append(QUESTION_TEMPLATE.format(object=kind) + YES_NO_SUFFIX)
+        for colour in COLOURS:
+            for size in SIZES:
+                position = rng.choice(POSITIONS)
+                lines.append(caption(Scene([WorldObject(kind, colour, size, position)])))
+    for n in (2, 3):
+        lines.append(f"There are {_NUMBERS[n]} objects in total.")
+
+    return lines
+
+
+def companion_stats(scenes: Iterable[Scene]) -> Dict[str, float]:
+    """How often a kind's companion is in the image when the kind is (and the converse)."""
+    with_kind = with_companion = images = 0
+    for scene in scenes:
+        images += 1
+        kinds = set(scene.kinds)
+        for kind in kinds:
+            with_kind += 1
+            with_companion += COMPANION[kind] in kinds
+    rate = with_companion / with_kind if with_kind else 0.0
+    return {"images": images, "companion_rate": rate, "absent_companion_rate": 1 - rate}
+
+
+def _coco_files(split: str, entries: List[dict], out_dir: Path) -> None:
+    images, instances, captions = [], [], []
+    for entry in entries:
+        images.append({"id": entry["image_id"], "file_name": entry["file_name"],
+                       "width": entry["size"], "height": entry["size"]})  # fmt: skip
+        for o, bbox in zip(entry["scene"].objects, entry["boxes"]):
+            instances.append(
+                {
+                    "id": len(instances) + 1,
+                    "image_id": entry["image_id"],
+                    "category_id": COCO_CATEGORY_IDS[o.kind],
+                    "bbox": bbox,
+                    "area": round(bbox[2] * bbox[3], 2),
+                    "iscrowd": 0,
+                    "attributes": {"colour": o.colour, "size": o.size, "position": o.position},
+                }
+            )
+        captions.append({"id": len(captions) + 1, "image_id": entry["image_id"], "caption": entry["caption"]})
+    categories = [
+        {"id": COCO_CATEGORY_IDS[k], "name": k, "supercategory": _SUPERCATEGORY[k]}
+        for k in sorted(KINDS, key=COCO_CATEGORY_IDS.get)
+    ]
+    annotations = out_dir / "annotations"
+    annotations.mkdir(parents=True, exist_ok=True)
+    info = {"description": f"POVID synthetic world, split {split}"}
+    _write_json(annotations / f"instances_{split}.json",
+                {"info": info, "images": images, "annotations": instances, "categories": categories})  # fmt: skip
+    _write_json(annotations / f"captions_{split}.json", {"info": info, "images": images, "annotations": captions})
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    tmp.replace(path)
+
+
+_SPLIT_ID_OFFSET = {"train": 0, "pref": 1_000_000, "test": 2_000_000, "test_iid": 3_000_000}
+
+
+def make_world(
+    out_dir: str | Path,
+    config: Optional[WorldConfig] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> Dict[str, object]:
+    """Generate the world into ``out_dir`` (see the module docstring); returns ``world.json``'s
+    content. Deterministic given ``config.seed``; each split has its own random stream."""
+    config = config or WorldConfig()
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    stats: Dict[str, dict] = {}
+    for split, distribution in config.splits.items():
+        count = getattr(config, split)
+        rng = random.Random(f"{config.seed}:{split}")
+        qa_rng = random.Random(f"{config.seed}:{split}:questions")  # scenes do not depend on it
+        rate = config.companion_rate if distribution == "iid" else config.balanced_companion_rate
+        entries, describe, sft = [], [], []
+        for index in range(count):
+            scene = sample_scene(rng, rate)
+            image, boxes = render(scene, rng, config.image_size)
+            image_id = _SPLIT_ID_OFFSET[split] + index + 1
+            file_name = f"{split}_{image_id:07d}.png"
+            image.save(out_dir / "images" / file_name)
+            text = caption(scene)
+            entries.append({"image_id": image_id, "file_name": file_name, "scene": scene,
+                            "boxes": boxes, "caption": text, "size": config.image_size})  # fmt: skip
+            record_id = f"{split}-{image_id}"
+            prompt = rng.choice(DESCRIBE_PROMPTS) if split == "train" else EVAL_DESCRIBE_PROMPT
+            describe.append(_describe_record(record_id, file_name, text, prompt))
+            if split == "train":
+                sft.extend(_sft_records(record_id, file_name, text, prompt, scene, config.sft_questions, qa_rng))
+        _coco_files(split, entries, out_dir)
+        _write_json(out_dir / f"{split}.json", describe)
+        if split == "train":
+            _write_json(out_dir / "sft.json", sft)
+        stats[split] = {"distribution": distribution, **companion_stats(e["scene"] for e in entries),
+                        "objects": dict(Counter(o.kind for e in entries for o in e["scene"].objects))}  # fmt: skip
+        if progress:
+            progress(f"{split}: {count} images ({distribution}), companion present "
+                     f"{stats[split]['companion_rate']:.0%} of the time")  # fmt: skip
+    world = {"config": asdict(config), "kinds": list(KINDS), "companions": [list(p) for p in PAIRS],
+             "splits": stats}  # fmt: skip
+    _write_json(out_dir / "world.json", world)
+    return world
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m povid_data.synthetic_world OUT_DIR [--seed N] [--train N] ...``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir")
+    defaults = WorldConfig()
+    for name in ("seed", "train", "pref", "test", "test_iid"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    args = parser.parse_args(argv)
+    config = WorldConfig(**{k: getattr(args, k) for k in ("seed", "train", "pref", "test", "test_iid")})
+    make_world(args.out_dir, config, progress=print)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""Recipe ``llava_sft``: supervised fine-tuning of LLaVA-1.5 on instruction data (LoRA or full).
+
+One device::
+
+    tune run llava_sft --config llava_sft_tiny_full checkpoint_dir=DIR data_file=sft.json \\
+        image_dir=images/ output_dir=out/sft
+
+Several (FSDP2; the LLM is sharded, the vision encoder replicated)::
+
+    tune run --nproc_per_node 8 llava_sft --config llava_sft_tiny_full ...
+
+Per step, for a batch of LLaVA records (any number of turns, with or without an image):
+
+1. the conversation is tokenized with the vicuna_v1 template, as the original LLaVA does it;
+   labels are -100 everywhere but the assistant answers and their ``</s>``;
+2. the model runs on tokens + images (one image per ``<image>``); the loss is the mean
+   next-token cross-entropy over the answer tokens (labels shifted here);
+3. what trains is a config choice: LoRA adapters (+ projector), or the full LLM + projector;
+   ``vision_trainable=true`` also trains the CLIP tower, at ``vision_lr_scale`` times the
+   learning rate (for a tower that is not pretrained, such as the synthetic world's; LLaVA-1.5
+   keeps it frozen).
+
+Checkpoints (``${output_dir}/step_N``): adapters (LoRA), merged llava-hf model, recipe state;
+``${output_dir}/final`` links the last. ``resume_from_checkpoint=True`` continues from the newest
+complete one, with the same batches, learning rate and optimizer state.
+"""
+
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, DistributedSampler
+from torchtune import config, training, utils
+from torchtune.modules import TransformerSelfAttentionLayer
+from tqdm import tqdm
+
+from povid.checkpoint import LlavaCheckpointer, load_model_state
+from povid.config import parse
+from povid.training import (
+    MetricsJsonl,
+    all_reduce_replicated_grads,
+    clip_grad_norm,
+    image_encoder,
+    is_lora_model,
+    latest_checkpoint,
+    link_final,
+    model_state_for_save,
+    peak_memory_gb,
+    restore_step_checkpoint,
+    save_step_checkpoint,
+    set_trainable,
+    set_vision_trainable,
+    shard_llava,
+    shifted_cross_entropy,
+    vision_param_groups,
+)
+from povid_data.instruction_dataset import InstructionDataset, collate_instructions
+from povid_data.tokenizer import LlavaTokenizer
+from povid_data.transforms import IGNORE_INDEX, LlavaImageTransform, LlavaMessageTransform
+
+log = utils.get_logger("INFO")
+
+
+class LlavaSFTRecipe:
+    """Setup, train loop, checkpoints and cleanup of LLaVA supervised fine-tuning."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.distributed = training.is_distributed()
+        if self.distributed:
+            dist.init_process_group(backend="gloo" if cfg.device == "cpu" else "nccl")
+        self.world_size, self.rank = utils.get_world_size_and_rank()
+        self.is_rank_zero = self.rank == 0
+        self.device = utils.get_device(cfg.device)
+        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
+        self.output_dir = Path(cfg.output_dir)
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_done_in_epoch = 0
+        self.last_checkpoint: Optional[Path] = None
+
+    # ------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        """Build the model, data, optimizer and schedule; resume if asked."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.checkpointer = LlavaCheckpointer(cfg.checkpoint_dir, self.output_dir, clip_dir=cfg.clip_dir)
+        base_state = self.checkpointer.load_checkpoint()["model"]
+        with training.set_default_dtype(self.dtype), self.device:
+            self.model = config.instantiate(cfg.model)
+        load_model_state(self.model, base_state, cfg.checkpoint_dir)
+        self.lora = is_lora_model(self.model)
+        for module in self.model.modules():
+            if hasattr(module, "initialize_dora_magnitude"):  # DoRA starts from ||W||
+                module.initialize_dora_magnitude()
+        self.trainable = set_trainable(self.model, projector_trainable=bool(cfg.projector_trainable))
+        if cfg.get("vision_trainable", False):
+            self.trainable = set_vision_trainable(self.model, self.trainable)
+        # Parameters FSDP does not manage (the replicated vision encoder) are averaged by hand.
+        self.replicated_params = [p for p in image_encoder(self.model).parameters() if p.requires_grad]
+
+        if cfg.enable_activation_checkpointing:
+            training.set_activation_checkpointing(self.model, auto_wrap_policy={TransformerSelfAttentionLayer})
+        if self.distributed:
+            shard_llava(self.model)
+        if cfg.compile:
+            training.compile_model(self.model, verbose=self.is_rank_zero)
+
+        self._setup_data()
+        groups = vision_param_groups(self.model, cfg.optimizer.lr, cfg.get("vision_lr_scale", 1.0))
+        self.optimizer = config.instantiate(cfg.optimizer, groups)
+        self.steps_per_epoch = math.ceil(len(self.dataloader) / cfg.gradient_accumulation_steps)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.lr_scheduler = training.get_cosine_schedule_with_warmup(
+            self.optimizer,
+            num_warmup_steps=int(round(cfg.warmup_ratio * self.total_steps)),
+            num_training_steps=self.total_steps,
+        )
+        if cfg.resume_from_checkpoint:
+            self._resume()
+        if self.is_rank_zero:
+            self.metric_logger = config.instantiate(cfg.metric_logger)
+            self.metric_logger.log_config(cfg)
+            self.metrics_file = MetricsJsonl(self.output_dir / "metrics.jsonl", self.global_step)
+            n_train = sum(p.numel() for n, p in self.model.named_parameters() if n in self.trainable)
+            log.info(
+                f"{'LoRA' if self.lora else 'full'} SFT, {n_train / 1e6:.2f} M trainable params, "
+                f"{len(self.dataset)} records, {self.total_steps} steps of {cfg.batch_size} x "
+                f"{cfg.gradient_accumulation_steps} x {self.world_size}"
+            )
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        args = self.checkpointer.args
+        tokenizer = LlavaTokenizer.from_dir(cfg.checkpoint_dir)
+        messages = LlavaMessageTransform(tokenizer, args.image_token_id, args.num_image_tokens, max_seq_len=cfg.max_seq_len)
+        images = LlavaImageTransform(cfg.image_mode, size=args.image_size)
+        self.dataset = InstructionDataset(cfg.data_file, messages, images, image_dir=cfg.image_dir)
+        # Same shuffled order for any world size: rank r takes positions r, r + world, ...
+        self.sampler = DistributedSampler(
+            self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=cfg.seed
+        )
+        self.dataloader = DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            collate_fn=partial(collate_instructions, pad_id=args.pad_token_id),
+            num_workers=cfg.get("num_workers", 0),
+        )
+
+    # ------------------------------------------------------------------------------- train
+
+    def _loss(self, batch: Dict[str, Any]) -> torch.Tensor:
+        tokens = batch["tokens"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        encoder_input = None
+        if batch["images"] is not None:
+            encoder_input = {"image": {"images": batch["images"].to(self.device, self.dtype)}}
+        logits = self.model(tokens, encoder_input=encoder_input)
+        return shifted_cross_entropy(logits, labels)
+
+    def train(self) -> None:
+        """The training loop: accumulate, clip, step, log, checkpoint, guard against NaN."""
+        cfg = self.cfg
+        accumulation = cfg.gradient_accumulation_steps
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="llava_sft", disable=not self.is_rank_zero)
+        self.model.train()
+        while self.global_step < self.total_steps and self.epoch < cfg.epochs:
+            self.sampler.set_epoch(self.epoch)
+            step_start, tokens_seen, loss_sum = time.perf_counter(), 0, 0.0
+            for index, batch in enumerate(self.dataloader):
+                if index < self.batches_done_in_epoch:
+                    continue  # resumed: these batches were consumed before the stop
+                loss = self._loss(batch) / accumulation
+                self._check_finite(loss, "loss")
+                loss.backward()
+                loss_sum += float(loss.detach())
+                tokens_seen += int((batch["labels"] != IGNORE_INDEX).sum())
+                self.batches_done_in_epoch = index + 1
+                last_in_epoch = index + 1 == len(self.dataloader)
+                if self.batches_done_in_epoch % accumulation and not last_in_epoch:
+                    continue
+                all_reduce_replicated_grads(self.replicated_params)
+                grad_norm = clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], cfg.clip_grad_norm)
+                self._check_finite(grad_norm, "gradient norm")
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.lr_scheduler.step()
+                self.global_step += 1
+                elapsed = time.perf_counter() - step_start
+                self._log(
+                    {
+                        "loss": loss_sum,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_second": tokens_seen * self.world_size / max(elapsed, 1e-9),
+                        "peak_memory_gb": peak_memory_gb(self.device),
+                    }
+                )
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}")
+                step_start, tokens_seen, loss_sum = time.perf_counter(), 0, 0.0
+                if last_in_epoch:
+                    self.epoch += 1
+                    self.batches_done_in_epoch = 0
+                if self.global_step >= self.total_steps:
+                    break
+                if cfg.save_every_n_steps and self.global_step % cfg.save_every_n_steps == 0:
+                    self.save_checkpoint()
+                if last_in_epoch:
+                    self.save_checkpoint()
+                    break
+        bar.close()
+        self.save_checkpoint(final=True)
+
+    def _check_finite(self, value: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(value).all():
+            where = self.last_checkpoint or "none saved yet"
+            raise FloatingPointError(
+                f"non-finite {what} at step {self.global_step + 1} (epoch {self.epoch}); training "
+                f"stopped before the update. Last good checkpoint: {where}. Lower the learning rate "
+                f"or use fp32/bf16 instead of fp16."
+            )
+
+    def _log(self, metrics: Dict[str, float]) -> None:
+        if self.distributed:
+            values = torch.tensor(list(metrics.values()), dtype=torch.float64)
+            dist.all_reduce(values, op=dist.ReduceOp.AVG)
+            metrics = dict(zip(metrics, values.tolist()))
+        if self.is_rank_zero:
+            self.metrics_file.log(self.global_step, metrics)
+            if self.global_step % self.cfg.log_every_n_steps == 0:
+                self.metric_logger.log_dict(metrics, step=self.global_step)
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, final: bool = False) -> None:
+        """Write ``step_N/``: adapters (LoRA), merged llava-hf model, and the recipe state."""
+        cfg = self.cfg
+        step_dir = self.output_dir / f"step_{self.global_step}"
+        if self.last_checkpoint == step_dir and (not final or (step_dir / "model").exists()):
+            if final and self.is_rank_zero:
+                link_final(self.output_dir, step_dir)
+            return
+        state = model_state_for_save(self.model, distributed=self.distributed, is_rank_zero=self.is_rank_zero)
+        if self.distributed:
+            optimizer_state = training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero)
+        else:
+            optimizer_state = self.optimizer.state_dict()
+        if self.is_rank_zero:
+            save_step_checkpoint(
+                self.checkpointer,
+                step_dir,
+                state,
+                self.trainable,
+                {
+                    "global_step": self.global_step,
+                    "epoch": self.epoch,
+                    "batches_done_in_epoch": self.batches_done_in_epoch,
+                    "optimizer": optimizer_state,
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "seed": cfg.seed,
+                    "world_size": self.world_size,
+                },
+                lora=self.lora,
+                save_model=bool(cfg.save_merged or final),
+                dtype=self.dtype,
+                lora_rank=cfg.model.get("lora_rank", 8),
+                lora_alpha=cfg.model.get("lora_alpha", 16),
+                adapter_config=OmegaConf.to_container(cfg.adapter_config) if cfg.get("adapter_config") else {},
+            )
+            if final:
+                link_final(self.output_dir, step_dir)
+            log.info(f"Saved checkpoint {step_dir}")
+        if self.distributed:
+            dist.barrier()
+        self.last_checkpoint = step_dir
+
+    def _resume(self) -> None:
+        step_dir = latest_checkpoint(self.output_dir)
+        if step_dir is None:
+            log.info(f"resume_from_checkpoint: no checkpoint in {self.output_dir}, starting fresh")
+            return
+        state = restore_step_checkpoint(
+            self.model, self.optimizer, step_dir, lora=self.lora, distributed=self.distributed, device=self.device
+        )
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.batches_done_in_epoch = state["batches_done_in_epoch"]
+        self.last_checkpoint = step_dir
+        log.info(f"Resumed from {step_dir} at step {self.global_step}")
+
+    def cleanup(self) -> None:
+        """Close loggers and the process group."""
+        if self.is_rank_zero:
+            self.metric_logger.close()
+            self.metrics_file.close()
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+@parse
+def main(cfg: DictConfig) -> None:
+    """Entry point for ``tune run llava_sft --config <config>``."""
+    recipe = LlavaSFTRecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""`povid demo --quick`: the whole chain at a reduced size, its artefacts, table and rerun."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from povid.cli import main as povid_main
+from povid.demo import companion_hallucination_rate, summary_table
+
+
+@pytest.mark.slow
+def test_quick_chain_runs_end_to_end_and_reruns_from_its_outputs(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert povid_main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+
+    # Every stage left its output: world, base model, stage 1 and 2 data, POVID model, evals.
+    world = json.loads((out / "world" / "world.json").read_text())
+    assert world["splits"]["test"]["distribution"] == "balanced"
+    for model in ("sft", "povid"):
+        assert (out / model / "final" / "model" / "config.json").exists()
+        assert (out / model / "metrics.jsonl").read_text().strip()
+    stage2 = [json.loads(line) for line in (out / "stage2" / "preferences.jsonl").read_text().splitlines()]
+    assert len(stage2) == world["config"]["pref"]
+    assert all("rejected_conversations" in r for r in stage2)
+    assert sum("noise_conversations" in r for r in stage2) > 0.9 * len(stage2)
+    for name in ("base", "povid"):
+        for bench in ("chair", "pope"):
+            assert json.loads((out / "eval" / f"{name}_{bench}" / "results.json").read_text())["name"] == name
+
+    # The table: both models, every headline column, numbers that are percentages.
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert [r["name"] for r in rows] == ["base", "povid"]
+    for row in rows:
+        for key in ("chair_s", "chair_i", "recall", "companion", "pope_f1"):
+            assert 0.0 <= row[key] <= 100.0
+        assert row["captions"] == world["config"]["test"]
+    assert summary_table(rows) == (out / "summary.md").read_text()
+    assert "| povid |" in printed and "CHAIR_I %" in printed
+    figure = Image.open(out / "summary.png")
+    assert figure.width == 1400 and figure.height > 400
+
+    # A rerun reuses every finished stage.
+    assert povid_main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    rerun = capsys.readouterr().out
+    assert rerun.count("done before, reusing") == 9  # world, sft, stage 1, stage 2, dpo, 4 evals
+    assert json.loads((out / "summary.json").read_text())["rows"] == rows
+
+
+def test_companion_rate_counts_captions_that_add_a_missing_partner():
+    result = {"details": [
+        {"ground_truth": ["pizza"], "hallucinated": [["donut", "donut"]]},  # the companion: counts
+        {"ground_truth": ["pizza"], "hallucinated": [["kite", "kite"]]},  # another object: not
+        {"ground_truth": ["book", "clock"], "hallucinated": []},
+        {"ground_truth": ["kite"], "hallucinated": [["frisbee", "frisbee"], ["frisbee", "frisbee"]]},
+    ]}  # fmt: skip
+    assert companion_hallucination_rate(result) == 0.5
