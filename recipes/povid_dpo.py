@@ -13,11 +13,13 @@ dataset or computed online — noise answers):
 
 1. the vision tower runs once per image; its features serve every answer row of that image,
    in the policy pass and, while tower and projector are frozen, in the reference pass;
-2. all rows (chosen, rejected, noise) go through the LLM in one concatenated forward;
+2. all rows (chosen, rejected, noise) go through the LLM in one concatenated forward; the
+   output head runs only on the positions that predict an answer token (nothing else is scored);
 3. the online noise answer, if configured, is the teacher-forced argmax on the noisy image
    (fresh noise every epoch), scored on the clean image's logits of the chosen row;
 4. the reference is the same model with adapters disabled (LoRA; a frozen copy of a trainable
-   projector) or a frozen copy (full); its log-probs can be precomputed once and cached;
+   projector) or a frozen copy (full); its log-probs can be precomputed once and cached (a full
+   fine-tuning run then frees its frozen copy, unless online noise still needs it);
 5. the objective (``povid``, ``povid_reference``, ``dpo``; sigmoid/IPO/hinge) gives the loss.
 
 Checkpoints (``${output_dir}/step_N``): adapters, merged llava-hf model, recipe state;
