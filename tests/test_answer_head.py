@@ -1,8 +1,8 @@
 """The output head on answer positions only equals full logits: log-probs, gradients, losses."""
 
+import json
 from contextlib import nullcontext
 from pathlib import Path
-import json
 
 import pytest
 import torch
@@ -41,7 +41,8 @@ def _batch(model: nn.Module):
     tokens = torch.randint(1, 58, (3, length), generator=generator)
     tokens[:, 1 : 1 + args.num_image_tokens] = args.image_token_id
     labels = torch.full_like(tokens, IGNORE)
-    for row, (start, end) in enumerate([(length - 8, length), (length - 5, length - 2), (length - 10, length - 4)]):
+    spans = [(length - 8, length), (length - 5, length - 2), (length - 10, length - 4)]
+    for row, (start, end) in enumerate(spans):
         labels[row, start:end] = tokens[row, start:end]
         tokens[row, end:] = 0  # padding
     images = torch.randn(2, 3, args.image_size, args.image_size, generator=generator)
