@@ -1,6 +1,10 @@
-"""A change proposed for povid_dpo, measured by the benchmark (``--variant answer_head``).
+"""The answer-only output head as first prototyped; ``povid_dpo`` now does this itself.
 
-povid_dpo today computes the output head on every position of every row, in fp32
+Kept because ``_shared_prefix.py`` builds on these helpers (and ``--variant answer_head`` still
+installs it, now equivalent to the recipe). The recipe's version applies the head inside the
+model's forward (``povid.training.output_at``), which FSDP2 needs; this one after it.
+
+Before, povid_dpo computed the output head on every position of every row, in fp32
 (``[rows, L, 32064]``: torchtune's decoder returns ``output(h).float()``), then a full
 ``log_softmax`` that autograd keeps for backward. Only answer positions are ever read (labels
 are -100 on the system prompt, the question and the 576 image placeholders), so this variant:

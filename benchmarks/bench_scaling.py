@@ -6,8 +6,8 @@
 
 Same model, data and protocol as ``bench_vs_trl.py`` (LoRA r 8, plain DPO, fp32, one process per
 point, warm-up then timed steps). Sequence sweep: batch 1, rows of 256 to 2048 tokens (64 image
-tokens + prompt + answer), povid_dpo as it is and with the proposed output head on answer
-tokens only (``--proposed shared_prefix`` adds the shared prompt; on CPU its attention mask
+tokens + prompt + answer), povid_dpo as it is (output head on answer tokens only) and, with
+``--proposed shared_prefix``, with one shared prompt per example (on CPU its attention mask
 costs O(L^2) memory, see ``_shared_prefix.py``).
 Batch sweep: 256-token rows, 1 to 8 pairs. ``model GB`` is ``povid.memory``'s estimate of live
 memory (runtime + weights + step) for the point. Peak RSS is higher by what glibc keeps cached
@@ -35,7 +35,7 @@ def estimate_gb(spec, r: dict) -> float:
         _common.llava_args(spec, 1000), method=r["method"], lora_rank=8, batch_size=r["batch"],
         seq_len=r["seq_len"], rows_per_example=2, dtype="fp32",
         activation_checkpointing=r["ac"], lora_dropout=0.0,
-        logits_positions="all" if r["variant"] == "recipe" else "answer",
+        logits_positions="answer",  # the recipe and both prototypes score answer positions only
         answer_len=r["seq_len"] - spec.num_image_tokens - 40,
     )  # fmt: skip
     return r["runtime_gb"] + est["total"]
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     p.add_argument("--clock", choices=["cpu", "wall"], default=None,
                    help="step time from process CPU time (default with 1 thread) or wall time")
     p.add_argument("--with-trl", action="store_true")
-    p.add_argument("--proposed", default="answer_head", choices=["answer_head", "shared_prefix", "none"],
+    p.add_argument("--proposed", default="none", choices=["answer_head", "shared_prefix", "none"],
                    help="also sweep povid_dpo with a proposed change (shared_prefix uses a boolean "
                         "attention mask, which sends CPU SDPA to its O(L^2) math kernel)")
     p.add_argument("--markdown", action="store_true")

@@ -17,7 +17,7 @@ per process keeps timings reproducible under load (both frameworks get the same 
 
 Tables: (1) LoRA and full DPO, ours vs TRL at equal activation-checkpointing setting (TRL turns
 it on by default); (2) time per step by phase; (3) our POVID objectives, precomputed reference and
-the proposed answer-only output head against our own plain DPO step. The last line is
+the proposed shared prompt per example against our own plain DPO step. The last line is
 ``speedup_vs_trl: X``: our samples/s over TRL's for LoRA DPO at equal batch, the smaller of the
 two equal-setting ratios (checkpointing off on both sides, on on both sides).
 """
@@ -54,9 +54,7 @@ def plan(quick: bool):
         ("ours_stage2", "POVID stage 2 as released (povid_reference, online, argmax separate)",
          ["--side", "ours", "--objective", "povid_reference", "--noise", "online", "--cfg", "noise.argmax=separate"]),
         ("ours_precompute", "DPO, precomputed reference log-probs", ["--side", "ours", "--precompute"]),
-        ("ours_answer_head", "DPO, proposed: output head on answer tokens only",
-         ["--side", "ours", "--variant", "answer_head"]),
-        ("ours_proposed", "DPO, proposed: shared prompt + answer-only head", ["--side", "ours", *proposed]),
+        ("ours_proposed", "DPO, proposed: one shared prompt per example", ["--side", "ours", *proposed]),
         ("ours_proposed_ac", "DPO, proposed, AC on", ["--side", "ours", "--ac", *proposed]),
         ("ours_proposed_povid_online", "POVID online noise, proposed",
          ["--side", "ours", "--objective", "povid", "--noise", "online", *proposed]),
@@ -64,7 +62,7 @@ def plan(quick: bool):
          ["--side", "ours", "--objective", "povid", "--noise", "dataset", *proposed]),
     ]  # fmt: skip
     if quick:
-        skip = {"ours_stage2", "ours_answer_head", "ours_proposed_povid_dataset", "ours_full", "trl_full"}
+        skip = {"ours_stage2", "ours_proposed_povid_dataset", "ours_full", "trl_full"}
         runs = [r for r in runs if r[0] not in skip]
     return runs
 
@@ -204,7 +202,7 @@ def report(results: dict, a, runs) -> None:
         print(f"  precomputed reference: step time -{cut * 100:.0f} % -> {'met' if cut >= 0.25 else 'missed'} (goal >= 25 %)")
     for (method, ac), (ratio, mem) in ratios.items():
         if "proposed" in method:
-            print(f"  with the proposed changes (shared prompt + answer-only head), AC {ac}: {ratio:.2f}x TRL's "
+            print(f"  with the proposed change (one shared prompt per example), AC {ac}: {ratio:.2f}x TRL's "
                   f"samples/s at {mem:.2f}x its peak memory")  # fmt: skip
     if lora:
         print(f"speedup_vs_trl: {min(r for r, _ in lora):.2f}")

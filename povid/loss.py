@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torchtune.rlhf import get_batch_log_probs
 
-__all__ = ["OBJECTIVES", "LOSS_TYPES", "PreferenceLogProbs", "POVIDLoss", "sequence_logprobs"]
+__all__ = [
+    "OBJECTIVES",
+    "LOSS_TYPES",
+    "PreferenceLogProbs",
+    "POVIDLoss",
+    "sequence_logprobs",
+    "answer_logprobs",
+]
 
 OBJECTIVES = ("dpo", "povid", "povid_reference")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -32,6 +39,19 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed log-probability of each row's labelled tokens (labels are shifted inside)."""
     return get_batch_log_probs(logits.float(), labels, return_average_logprobs=False)
+
+
+def answer_logprobs(
+    logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, n_rows: int
+) -> torch.Tensor:
+    """Summed log-probability per row from logits at scored positions only.
+
+    ``logits[i]`` (``[n, vocab]``) predicts ``targets[i]`` in row ``rows[i]``; rows without any
+    scored position get 0. The same numbers as :func:`sequence_logprobs` on the full logits,
+    up to float summation order.
+    """
+    picked = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    return picked.new_zeros(n_rows).index_add(0, rows, picked)
 
 
 @dataclass

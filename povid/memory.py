@@ -23,21 +23,24 @@ Where the numbers come from:
   checkpointing a layer keeps only its input (``embed_dim`` values per token) and one layer's
   full activations exist while it is recomputed. Tokens are ``batch * rows * seq_len``: rows
   are padded to the longest, so ``seq_len`` is the padded row length (``max_seq_len`` at worst).
-- **Logits**: povid_dpo scores every position: the decoder returns ``output(h).float()``
+- **Logits** (``logits_positions="all"``, the default, is how povid_dpo worked until it took the
+  answer-only head; it is now an upper bound): every position scored: the decoder returns ``output(h).float()``
   (``[rows, L, vocab]`` fp32, plus the ``dtype`` copy it is cast from), torchtune's
   ``get_batch_log_probs`` divides by the temperature (a copy) and keeps ``log_softmax`` for
   backward. So one fp32 logit tensor X stays saved from the policy forward to backward; the
   reference forward makes three more (logits, the copy, its log_softmax) and backward through
   the head two (the gathered gradient and the log_softmax gradient): 4 X with a live reference
   pass, 3 X with precomputed log-probs, plus X / 2 for the bf16/fp16 copy.
-  ``logits_positions="answer"`` models the proposed change that applies the head to answer
-  positions only (``answer_len`` tokens per row).
+  ``logits_positions="answer"`` applies the head to answer positions only (``answer_len``
+  tokens per row), which is what povid_dpo does now (``povid.training.output_at``); the
+  coefficients above are kept for it, and err high (no temperature copy any more).
 - **Online noise** scores the chosen rows a second time: that ``log_softmax`` is saved too (the
   teacher-forced no-grad pass on the noisy image is over before the peak; one layer of it is
   counted with the activations).
 - **Reference**: with LoRA the reference is the same weights with adapters off (nothing extra,
   except a frozen projector copy when the projector trains); full fine-tuning keeps a frozen copy
-  of the whole model, which povid_dpo keeps even when reference log-probs are precomputed. The
+  of the whole model, freed once reference log-probs are precomputed (unless the noise is
+  online, which needs a live reference). The
   reference forward itself runs without grad: one layer's activations in flight.
 - **Vision**: the CLIP tower runs without grad, once per image: one layer's activations in
   flight; the projected features are saved only when the projector trains.
@@ -259,7 +262,8 @@ def estimate_memory(
         online_noise: the noise answer is computed on the fly (``noise.source=online``).
         lora_dropout, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
             projector_trainable: as in the config.
-        logits_positions: ``all`` (povid_dpo today) or ``answer`` (head on answer tokens only).
+        logits_positions: ``all`` (every position; an upper bound) or ``answer`` (head on answer
+            tokens only, as povid_dpo does).
         answer_len: answer tokens per row, used with ``logits_positions="answer"``.
 
     Returns:
@@ -300,8 +304,8 @@ def estimate_memory(
         activations += _no_grad_pass_bytes(args, batch_size * seq_len, method, dtype, lora_rank)
 
     reference = 0.0
-    if method == "full":
-        reference += parameters  # frozen copy, sharded like the policy
+    if method == "full" and not precomputed_reference:
+        reference += parameters  # frozen copy, sharded like the policy; freed after precompute
     elif projector_trainable:
         reference += counts.projector * e
     if not precomputed_reference:

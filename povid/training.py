@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,9 +28,12 @@ __all__ = [
     "set_trainable",
     "image_encoder",
     "encode_images",
+    "Positions",
+    "answer_positions",
+    "answer_targets",
+    "output_at",
     "row_logits",
     "answer_token_counts",
-    "argmax_answer_labels",
     "shard_llava",
     "all_reduce_replicated_grads",
     "clip_grad_norm",
@@ -74,27 +78,86 @@ def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return encoder.projector(clip)
 
 
+Positions = Tuple[torch.Tensor, torch.Tensor]
+"""``(rows, cols)``: index tensors of the sequence positions whose logits are wanted."""
+
+
+def answer_positions(labels: torch.Tensor) -> Positions:
+    """Positions ``t`` whose logits are scored: those whose next label ``t + 1`` is not ignored
+    (logits at ``t`` predict token ``t + 1``), in row-major order."""
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows, cols
+
+
+def answer_targets(labels: torch.Tensor, positions: Positions) -> torch.Tensor:
+    """The token each position of :func:`answer_positions` predicts: ``labels[row, t + 1]``."""
+    rows, cols = positions
+    return labels[rows, cols + 1]
+
+
+class _GatheredOutput:
+    """Stands in for an output head that is not an ``nn.Module`` (torchtune's ``TiedLinear``,
+    a plain callable over the embedding weight), applying it to the selected positions only."""
+
+    def __init__(self, head: Any, positions: Positions) -> None:
+        self.head, self.positions = head, positions
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h[self.positions])
+
+
+@contextmanager
+def output_at(model: nn.Module, positions: Optional[Positions]) -> Iterator[None]:
+    """Inside the block, ``model(tokens, ...)`` returns logits ``[n, vocab]`` at ``positions``
+    only instead of ``[rows, L, vocab]`` (``None``: every position, unchanged).
+
+    The output projection is the largest single matmul of a LLaVA step on short rows (vocab
+    32064), and only answer positions are ever scored. The selection is applied inside the
+    model's forward (a pre-hook on ``decoder.output`` gathers the normed hidden states), not
+    after it returns: under FSDP2 the root module's parameters, the output head among them, are
+    resharded once the forward is over.
+    """
+    if positions is None:
+        yield
+        return
+    decoder = model.decoder
+    if getattr(decoder, "num_output_chunks", 0):
+        raise ValueError("output_at does not support chunked output heads (num_output_chunks > 0)")
+    head = decoder.output
+    if isinstance(head, nn.Module):
+        handle = head.register_forward_pre_hook(lambda _module, args: (args[0][positions], *args[1:]))
+        try:
+            yield
+        finally:
+            handle.remove()
+    else:
+        decoder.output = _GatheredOutput(head, positions)
+        try:
+            yield
+        finally:
+            decoder.output = head
+
+
 def row_logits(
-    model: nn.Module, tokens: torch.Tensor, features: torch.Tensor, row_image: torch.Tensor
+    model: nn.Module,
+    tokens: torch.Tensor,
+    features: torch.Tensor,
+    row_image: Optional[torch.Tensor] = None,
+    positions: Optional[Positions] = None,
 ) -> torch.Tensor:
-    """Logits ``[rows, L, vocab]`` for answer rows that share per-image ``features``."""
-    encoder_input = {"image": {"features": features, "row_index": row_image}}
-    return model(tokens, encoder_input=encoder_input)
+    """Logits of answer rows that share per-image ``features`` (``row_image[i]``: the image of
+    row ``i``; ``None``: one image per row): ``[rows, L, vocab]``, or ``[n, vocab]`` at
+    ``positions`` only (see :func:`output_at`)."""
+    image = {"features": features}
+    if row_image is not None:
+        image["row_index"] = row_image
+    with output_at(model, positions):
+        return model(tokens, encoder_input={"image": image})
 
 
 def answer_token_counts(labels: torch.Tensor) -> torch.Tensor:
     """Scored (unmasked) tokens per row."""
     return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-
-
-def argmax_answer_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Labels of the teacher-forced argmax answer: at every answer position ``t`` the token the
-    model ranks first given the prefix ``labels[<t]`` (POVID's noise answer: run on the noisy
-    image with the chosen answer as prefix). Non-answer positions stay masked."""
-    predicted = torch.full_like(labels, IGNORE_INDEX)
-    # logits at position t predict token t + 1
-    predicted[:, 1:] = logits[:, :-1].argmax(-1)
-    return torch.where(labels != IGNORE_INDEX, predicted, labels)
 
 
 def shard_llava(model: nn.Module, *, reshard_after_forward: bool = True) -> None:

@@ -13,11 +13,13 @@ dataset or computed online — noise answers):
 
 1. the vision tower runs once per image; its features serve every answer row of that image,
    in the policy pass and, while tower and projector are frozen, in the reference pass;
-2. all rows (chosen, rejected, noise) go through the LLM in one concatenated forward;
+2. all rows (chosen, rejected, noise) go through the LLM in one concatenated forward; the
+   output head runs only on the positions that predict an answer token (nothing else is scored);
 3. the online noise answer, if configured, is the teacher-forced argmax on the noisy image
    (fresh noise every epoch), scored on the clean image's logits of the chosen row;
 4. the reference is the same model with adapters disabled (LoRA; a frozen copy of a trainable
-   projector) or a frozen copy (full); its log-probs can be precomputed once and cached;
+   projector) or a frozen copy (full); its log-probs can be precomputed once and cached (a full
+   fine-tuning run then frees its frozen copy, unless online noise still needs it);
 5. the objective (``povid``, ``povid_reference``, ``dpo``; sigmoid/IPO/hinge) gives the loss.
 
 Checkpoints (``${output_dir}/step_N``): adapters, merged llava-hf model, recipe state;
@@ -25,6 +27,7 @@ Checkpoints (``${output_dir}/step_N``): adapters, merged llava-hf model, recipe 
 """
 
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -50,12 +53,13 @@ from tqdm import tqdm
 
 from povid.checkpoint import LlavaCheckpointer, load_model_state
 from povid.config import parse
-from povid.loss import POVIDLoss, PreferenceLogProbs, sequence_logprobs
+from povid.loss import POVIDLoss, PreferenceLogProbs, answer_logprobs
 from povid.training import (
     MetricsJsonl,
     all_reduce_replicated_grads,
+    answer_positions,
+    answer_targets,
     answer_token_counts,
-    argmax_answer_labels,
     atomic_torch_save,
     clip_grad_norm,
     encode_images,
@@ -161,6 +165,12 @@ class POVIDDPORecipe:
         )
 
         self.reference_cache = self._precompute_reference() if cfg.reference.precompute else None
+        if self.reference_cache is not None and not self.online_noise and self.ref_model is not None:
+            # Every reference log-prob now comes from the cache (only online noise answers
+            # would need a live reference): the frozen copy of a fully fine-tuned model would
+            # just hold a second model's worth of memory.
+            self.ref_model = None
+            gc.collect()
         if cfg.resume_from_checkpoint:
             self._resume()
         if self.is_rank_zero:
@@ -238,37 +248,50 @@ class POVIDDPORecipe:
     def _row_logps(
         self, model, features, batch, *, reference: bool, online_noise: bool
     ) -> Dict[str, torch.Tensor]:
-        """Summed log-probs per row kind (and the online noise answer's) for one model."""
+        """Summed log-probs per row kind (and the online noise answer's) for one model.
+
+        The output head runs on answer positions only (``[n_answer_tokens, vocab]`` logits):
+        nothing else is ever scored, and on short rows the head is a large share of the step.
+        """
         tokens, labels, row_image = batch["tokens"], batch["labels"], batch["row_image"]
-        logits = row_logits(model, tokens, features, row_image)
-        logps = sequence_logprobs(logits, labels)
+        positions = answer_positions(labels)
+        logits = row_logits(model, tokens, features, row_image, positions)
+        logps = answer_logprobs(logits, positions[0], answer_targets(labels, positions), len(tokens))
         kinds = batch["row_kind"]
         out = {kind: logps[[i for i, k in enumerate(kinds) if k == kind]] for kind in set(kinds)}
         if online_noise:
             chosen_rows = [i for i, k in enumerate(kinds) if k == "chosen"]
+            # Positions are row-major, so the chosen rows' entries keep the order that
+            # answer_positions gives for labels[chosen_rows].
+            of_chosen = torch.isin(positions[0], torch.tensor(chosen_rows, device=labels.device))
             out["noise"] = self._online_noise_logps(
-                model, logits[chosen_rows], batch, chosen_rows, reference=reference
+                model, logits[of_chosen], batch, chosen_rows, reference=reference
             )
         return out
 
     def _online_noise_logps(self, model, chosen_logits, batch, chosen_rows, *, reference: bool):
-        """log p(y_noise | image, y_w,<t) with y_noise the argmax on the noisy image."""
+        """log p(y_noise | image, y_w,<t) with y_noise the argmax on the noisy image.
+
+        ``chosen_logits``: the clean pass's logits at the chosen rows' answer positions.
+        """
         cfg = self.cfg.noise
         tokens, labels = batch["tokens"][chosen_rows], batch["labels"][chosen_rows]
+        positions = answer_positions(labels)
         own_argmax = not (reference and cfg.argmax == "shared")
         if own_argmax or cfg.condition == "noisy":
             # One noisy pass serves both the argmax and, if conditioned on it, the scoring.
             with nullcontext() if cfg.condition == "noisy" and not reference else torch.no_grad():
                 noisy_features = self._features(model, batch["noisy_images"], reference=reference)
-                noisy_logits = model(tokens, encoder_input={"image": {"features": noisy_features}})
+                noisy_logits = row_logits(model, tokens, noisy_features, positions=positions)
         if own_argmax:
-            noise_labels = argmax_answer_labels(noisy_logits.detach(), labels)
+            # Teacher-forced: at each answer position the token ranked first given y_w,<t.
+            noise_targets = noisy_logits.detach().argmax(-1)
             if not reference:
-                batch["noise_labels"] = noise_labels
+                batch["noise_targets"] = noise_targets
         else:
-            noise_labels = batch["noise_labels"]
+            noise_targets = batch["noise_targets"]
         scored = noisy_logits if cfg.condition == "noisy" else chosen_logits
-        return sequence_logprobs(scored, noise_labels)
+        return answer_logprobs(scored, positions[0], noise_targets, len(chosen_rows))
 
     def _features(self, model, images, *, reference: bool) -> torch.Tensor:
         if not reference:

@@ -68,6 +68,26 @@ def test_precomputed_reference_gives_identical_losses(tmp_path, tiny_checkpoint,
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in live], abs=1e-6)
 
 
+def test_full_finetuning_frees_its_reference_copy_once_log_probs_are_cached(
+    tmp_path, tiny_checkpoint, preference_data, monkeypatch
+):
+    live = _run("povid_tiny_full", tiny_checkpoint, preference_data, tmp_path / "a", "max_steps=3")
+    setup = povid_dpo.POVIDDPORecipe.setup
+    references = []
+
+    def record_reference(self):
+        setup(self)
+        references.append(self.ref_model)
+
+    monkeypatch.setattr(povid_dpo.POVIDDPORecipe, "setup", record_reference)
+    cached = _run(
+        "povid_tiny_full", tiny_checkpoint, preference_data, tmp_path / "b", "max_steps=3",
+        "reference.precompute=true",
+    )  # fmt: skip
+    assert references == [None]
+    assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in live], abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "config, overrides",
     [
