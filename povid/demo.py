@@ -62,7 +62,7 @@ class DemoSettings:
     """Sizes and hyperparameters of one demo run (``DEMO_SIZES`` holds the two presets)."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
-    sft_epochs: int = 4
+    sft_epochs: int = 2
     sft_batch_size: int = 32
     sft_lr: float = 1e-3
     sft_max_steps: Optional[int] = None
@@ -72,9 +72,10 @@ class DemoSettings:
     dpo_max_steps: Optional[int] = None
     dpo_overrides: List[str] = field(
         default_factory=lambda: [
-            "optimizer.lr=1e-4",
+            "optimizer.lr=1e-5",
             "objective.objective=povid",
-            "objective.chosen_nll_weight=0.0",
+            "objective.chosen_nll_weight=1.0",  # at 0 the chosen answers' likelihood collapses
+            "projector_trainable=false",  # as POVID's released code: the LLM alone learns
             "reference.precompute=true",
         ]
     )

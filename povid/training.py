@@ -40,6 +40,13 @@ __all__ = [
     "peak_memory_gb",
     "MetricsJsonl",
     "latest_checkpoint",
+    "shifted_cross_entropy",
+    "set_vision_trainable",
+    "model_state_for_save",
+    "save_step_checkpoint",
+    "link_final",
+    "restore_step_checkpoint",
+    "vision_param_groups",
 ]
 
 
@@ -258,20 +265,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Added for llava_sft (usable by any recipe): supervised loss, a trainable vision tower, and the
-# step_N checkpoint convention (adapters, merged llava-hf model, recipe state, ``final`` link).
-# ---------------------------------------------------------------------------------------------
-
-__all__ += [
-    "shifted_cross_entropy",
-    "set_vision_trainable",
-    "model_state_for_save",
-    "save_step_checkpoint",
-    "link_final",
-    "restore_step_checkpoint",
-    "vision_param_groups",
-]
+# ----------------------------------------------------------------------------- SFT and checkpoints
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,6 @@ from torchtune import config, training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.peft import (
     disable_adapter,
-    get_adapter_state_dict,
-    get_merged_lora_ckpt,
 )
 from tqdm import tqdm
 
@@ -66,8 +64,12 @@ from povid.training import (
     image_encoder,
     is_lora_model,
     latest_checkpoint,
+    link_final,
+    model_state_for_save,
     peak_memory_gb,
+    restore_step_checkpoint,
     row_logits,
+    save_step_checkpoint,
     set_trainable,
     shard_llava,
 )
@@ -123,7 +125,7 @@ class POVIDDPORecipe:
             if hasattr(module, "initialize_dora_magnitude"):  # DoRA starts from ||W||
                 module.initialize_dora_magnitude()
         self.projector_trainable = bool(cfg.get("projector_trainable", False))
-        trainable = set_trainable(self.model, projector_trainable=self.projector_trainable)
+        self.trainable = set_trainable(self.model, projector_trainable=self.projector_trainable)
         self.projector_params = list(image_encoder(self.model).projector.parameters())
 
         # The reference: adapters off (LoRA) or a frozen copy (full). A trainable projector
@@ -177,7 +179,7 @@ class POVIDDPORecipe:
             self.metric_logger = config.instantiate(cfg.metric_logger)
             self.metric_logger.log_config(cfg)
             self.metrics_file = MetricsJsonl(self.output_dir / "metrics.jsonl", self.global_step)
-            n_train = sum(p.numel() for n, p in self.model.named_parameters() if n in trainable)
+            n_train = sum(p.numel() for n, p in self.model.named_parameters() if n in self.trainable)
             log.info(
                 f"{'LoRA' if self.lora else 'full'} training, {n_train / 1e6:.2f} M trainable params, "
                 f"{len(self.dataset)} records, {self.total_steps} steps, world size {self.world_size}"
@@ -496,86 +498,56 @@ class POVIDDPORecipe:
 
     # ------------------------------------------------------------------------- checkpoints
 
-    def _full_state(self, adapters_only: bool = False) -> Dict[str, torch.Tensor]:
-        if self.distributed:
-            state = training.gather_cpu_state_dict(self.model, self.is_rank_zero, adapter_weights_only=adapters_only)
-        else:
-            # A copy even on CPU: merging LoRA below adds to the base weights in place.
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            if adapters_only:
-                state = get_adapter_state_dict(state)
-        return state
-
     def save_checkpoint(self, final: bool = False) -> None:
         """Write ``step_N/``: adapters (LoRA), merged llava-hf model, and the recipe state."""
+        cfg = self.cfg
         step_dir = self.output_dir / f"step_{self.global_step}"
         if self.last_checkpoint == step_dir and (not final or (step_dir / "model").exists()):
             if final and self.is_rank_zero:
-                self._link_final(step_dir)
+                link_final(self.output_dir, step_dir)
             return
-        cfg = self.cfg
-        state = self._full_state()
+        state = model_state_for_save(self.model, distributed=self.distributed, is_rank_zero=self.is_rank_zero)
         if self.distributed:
             optimizer_state = training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero)
         else:
             optimizer_state = self.optimizer.state_dict()
         if self.is_rank_zero:
-            trainable = {k: v for k, v in state.items() if "lora_" in k or ".magnitude" in k}
-            if self.projector_trainable:
-                trainable.update({k: v for k, v in state.items() if ".projector." in k})
-            if self.lora:
-                self.checkpointer.save_adapter(
-                    trainable, step_dir / "adapter", OmegaConf.to_container(cfg.get("adapter_config", {})) or {}
-                )
-            if cfg.save_merged or final or not self.lora:
-                merged = get_merged_lora_ckpt(
-                    {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()},
-                    rank=cfg.model.get("lora_rank", 8),
-                    alpha=cfg.model.get("lora_alpha", 16),
-                ) if self.lora else state
-                self.checkpointer.save_checkpoint(merged, name=f"{step_dir.name}/model")
-            recipe_state = {
-                "global_step": self.global_step,
-                "epoch": self.epoch,
-                "batches_done_in_epoch": self.batches_done_in_epoch,
-                "optimizer": optimizer_state,
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "trainable": trainable if self.lora else None,
-                "seed": cfg.seed,
-                "world_size": self.world_size,
-            }
-            atomic_torch_save(recipe_state, step_dir / "recipe_state.pt")
+            save_step_checkpoint(
+                self.checkpointer,
+                step_dir,
+                state,
+                self.trainable,
+                {
+                    "global_step": self.global_step,
+                    "epoch": self.epoch,
+                    "batches_done_in_epoch": self.batches_done_in_epoch,
+                    "optimizer": optimizer_state,
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "seed": cfg.seed,
+                    "world_size": self.world_size,
+                },
+                lora=self.lora,
+                save_model=bool(cfg.save_merged or final),
+                dtype=self.dtype,
+                lora_rank=cfg.model.get("lora_rank", 8),
+                lora_alpha=cfg.model.get("lora_alpha", 16),
+                adapter_config=OmegaConf.to_container(cfg.adapter_config) if cfg.get("adapter_config") else {},
+            )
             if final:
-                self._link_final(step_dir)
+                link_final(self.output_dir, step_dir)
             log.info(f"Saved checkpoint {step_dir}")
         if self.distributed:
             dist.barrier()
         self.last_checkpoint = step_dir
-
-    def _link_final(self, step_dir: Path) -> None:
-        # A stable name for what comes next (stage 2, evaluation): final -> step_N.
-        link = self.output_dir / "final"
-        link.unlink(missing_ok=True)
-        link.symlink_to(step_dir.name)
 
     def _resume(self) -> None:
         step_dir = latest_checkpoint(self.output_dir)
         if step_dir is None:
             log.info(f"resume_from_checkpoint: no checkpoint in {self.output_dir}, starting fresh")
             return
-        state = torch.load(step_dir / "recipe_state.pt", weights_only=False)
-        if self.lora:
-            self.model.load_state_dict(state["trainable"], strict=False)
-        else:
-            weights = LlavaCheckpointer(step_dir / "model").load_checkpoint()["model"]
-            if self.distributed:
-                training.load_from_full_model_state_dict(self.model, weights, self.device, strict=True)
-            else:
-                load_model_state(self.model, weights, step_dir / "model")
-        if self.distributed:
-            training.load_from_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self.device)
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        state = restore_step_checkpoint(
+            self.model, self.optimizer, step_dir, lora=self.lora, distributed=self.distributed, device=self.device
+        )
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]

@@ -95,7 +95,7 @@ def test_ground_truth_is_exact(world):
             share = (np.abs(box.astype(int) - COLOURS[attrs["colour"]]).sum(-1) < 10).mean()
             assert share > 0.25
         count = len(objects)
-        assert text.endswith("There is one object in total." if count == 1 else f"objects in total.")
+        assert text.endswith("There is one object in total." if count == 1 else "objects in total.")
 
 
 def test_instruction_records_read_as_llava_data(world):
