@@ -19,7 +19,8 @@ Prints mean and spread (sample standard deviation over seeds) and writes ``resul
     python benchmarks/povid_synthetic.py --quick --seeds 0      # smoke test, minutes
 
 Extra ``povid_dpo`` overrides for the two DPO variants (``--dpo key=value ...``) go after the
-demo's, e.g. ``--dpo objective.chosen_nll_weight=1.0``; ``--tag`` names such a variant set.
+demo's, e.g. ``--dpo objective.beta=0.5``, and ``povid_hallucinate`` overrides (``--stage1
+rules.max_edits=1``) make a variant with its own stage 1 and 2 data; ``--tag`` names the variant.
 """
 
 from __future__ import annotations
@@ -44,14 +45,18 @@ METRICS = [
 ]  # fmt: skip
 
 
-def run_seed(out: Path, seed: int, quick: bool, dpo_extra: List[str], tag: str) -> Dict[str, Dict[str, Path]]:
+def run_seed(
+    out: Path, seed: int, quick: bool, dpo_extra: List[str], tag: str, stage1_extra: List[str]
+) -> Dict[str, Dict[str, Path]]:
     settings = DEMO_SIZES["quick" if quick else "default"]
     settings = replace(settings, world=replace(settings.world, seed=seed))
     demo = Demo(out / f"seed_{seed}", settings)
     demo.world()
     base = demo.sft()
-    stage2 = demo.stage2(base, demo.stage1())
     suffix = f"_{tag}" if tag else ""
+    # A stage-1 variant gets its own stage 1 and 2 data; the base and the SFT control are shared.
+    data = f"{suffix}" if stage1_extra else ""
+    stage2 = demo.stage2(base, demo.stage1(f"stage1{data}", stage1_extra), name=f"stage2{data}")
     models = {
         "base": base,
         "povid": demo.dpo(base, stage2, name=f"povid{suffix}", extra=dpo_extra, title=f"povid_dpo: povid{suffix}"),
@@ -113,12 +118,15 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("povid_outputs/bench_synthetic"))
     parser.add_argument("--quick", action="store_true", help="the demo's reduced size (a smoke test)")
     parser.add_argument("--dpo", nargs="*", default=[], help="extra povid_dpo overrides for both DPO variants")
-    parser.add_argument("--tag", default="", help="name suffix of the DPO runs made with --dpo overrides")
+    parser.add_argument("--stage1", nargs="*", default=[], help="extra povid_hallucinate overrides (needs --tag)")
+    parser.add_argument("--tag", default="", help="name suffix of the runs made with --dpo / --stage1 overrides")
     args = parser.parse_args(argv)
+    if (args.dpo or args.stage1) and not args.tag:
+        parser.error("--dpo and --stage1 variants need a --tag to keep their runs apart")
     start = time.perf_counter()
     per_seed: Dict[int, List[dict]] = {}
     for seed in args.seeds:
-        results = run_seed(args.out, seed, args.quick, args.dpo, args.tag)
+        results = run_seed(args.out, seed, args.quick, args.dpo, args.tag, args.stage1)
         rows = summary_rows(results)
         for variant, row in zip(results, rows):
             row["variant"] = variant
@@ -127,7 +135,8 @@ def main(argv: List[str] | None = None) -> int:
     text = table(agg, len(args.seeds))
     name = f"results{'_' + args.tag if args.tag else ''}"
     (args.out / f"{name}.json").write_text(json.dumps({"per_seed": per_seed, "aggregate": agg,
-                                                      "dpo_overrides": args.dpo}, indent=2) + "\n")  # fmt: skip
+                                                      "dpo_overrides": args.dpo, "stage1_overrides": args.stage1},
+                                                     indent=2) + "\n")  # fmt: skip
     (args.out / f"{name}.md").write_text(text)
     n = per_seed[args.seeds[0]][0]["captions"]
     print(f"\nPOVID on the synthetic world: {n} held-out balanced test images, seeds {args.seeds}\n")

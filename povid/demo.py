@@ -234,26 +234,27 @@ class Demo:
 
     # -- 3. stage 1
 
-    def stage1(self) -> Path:
-        """``tune run povid_hallucinate`` (rules backend) on the preference images' captions."""
-        out = self.out / "stage1"
+    def stage1(self, name: str = "stage1", extra: Sequence[str] = ()) -> Path:
+        """``tune run povid_hallucinate`` (rules backend) on the preference images' captions;
+        ``extra`` overrides go after the settings' (``name`` then keeps that variant apart)."""
+        out = self.out / name
         overrides = [f"data_file={self.world_dir / 'pref.json'}", f"output_dir={out}",
-                     f"seed={self.settings.world.seed}", *self.settings.stage1_overrides]  # fmt: skip
-        self._run("stage1", "3/6 povid_hallucinate (rules): stage 1, hallucinated rewrites",
+                     f"seed={self.settings.world.seed}", *self.settings.stage1_overrides, *extra]  # fmt: skip
+        self._run(name, "3/6 povid_hallucinate (rules): stage 1, hallucinated rewrites",
                   tune_command("povid_hallucinate", "povid_hallucinate_rules", overrides), out)  # fmt: skip
         return out / "preferences.jsonl"
 
     # -- 4. stage 2
 
-    def stage2(self, base: Path, stage1_file: Path) -> Path:
+    def stage2(self, base: Path, stage1_file: Path, name: str = "stage2") -> Path:
         """``tune run povid_distort``: the base model's answers on noised images."""
         s = self.settings
-        out = self.out / "stage2"
+        out = self.out / name
         overrides = {
             "checkpoint_dir": base, "data_file": stage1_file, "image_dir": self.images, "output_dir": out,
             "batch_size": s.gen_batch_size, "max_new_tokens": s.caption_tokens, "seed": s.world.seed,
         }  # fmt: skip
-        self._run("stage2", "4/6 povid_distort: stage 2, answers on noised images",
+        self._run(name, "4/6 povid_distort: stage 2, answers on noised images",
                   tune_command("povid_distort", "povid_distort", overrides), out)  # fmt: skip
         return out / "preferences.jsonl"
 
