@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from povid.demo import DEMO_SIZES, Demo, summary_rows
+from povid_data.synthetic_world import make_world
 
 VARIANTS = ("base", "povid", "dpo_text", "sft_more")
 METRICS = [
@@ -45,22 +46,38 @@ METRICS = [
 ]  # fmt: skip
 
 
+def balanced_preference_images(demo: Demo) -> Demo:
+    """The same chain over other preference images: the ``pref`` split drawn from the balanced
+    distribution (a kind's companion present half the time, as in ``test``) instead of the
+    training one (80 %), so that more pairs stand on images where the companion is absent."""
+    world_dir = demo.out / "world_pref_balanced"
+    done = world_dir / ".stage_done.json"
+    if not done.exists():
+        world = replace(demo.settings.world, train=0, test=0, test_iid=0, splits={"pref": "balanced"})
+        make_world(world_dir, world, progress=lambda m: print(f"[bench] balanced preference images: {m}"))
+        done.write_text("{}\n")
+    return Demo(demo.out, demo.settings, world_dir=world_dir)
+
+
 def run_seed(
-    out: Path, seed: int, quick: bool, dpo_extra: List[str], tag: str, stage1_extra: List[str]
-) -> Dict[str, Dict[str, Path]]:
+    out: Path, seed: int, quick: bool, dpo_extra: List[str], tag: str, stage1_extra: List[str],
+    balanced_pref: bool = False,
+) -> Dict[str, Dict[str, Path]]:  # fmt: skip
     settings = DEMO_SIZES["quick" if quick else "default"]
     settings = replace(settings, world=replace(settings.world, seed=seed))
     demo = Demo(out / f"seed_{seed}", settings)
     demo.world()
     base = demo.sft()
     suffix = f"_{tag}" if tag else ""
-    # A stage-1 variant gets its own stage 1 and 2 data; the base and the SFT control are shared.
-    data = f"{suffix}" if stage1_extra else ""
-    stage2 = demo.stage2(base, demo.stage1(f"stage1{data}", stage1_extra), name=f"stage2{data}")
+    # A stage-1 or preference-image variant gets its own stage 1 and 2 data; the base, the SFT
+    # control and the evaluation images are shared.
+    data = f"{suffix}" if stage1_extra or balanced_pref else ""
+    pairs = balanced_preference_images(demo) if balanced_pref else demo
+    stage2 = pairs.stage2(base, pairs.stage1(f"stage1{data}", stage1_extra), name=f"stage2{data}")
     models = {
         "base": base,
-        "povid": demo.dpo(base, stage2, name=f"povid{suffix}", extra=dpo_extra, title=f"povid_dpo: povid{suffix}"),
-        "dpo_text": demo.dpo(
+        "povid": pairs.dpo(base, stage2, name=f"povid{suffix}", extra=dpo_extra, title=f"povid_dpo: povid{suffix}"),
+        "dpo_text": pairs.dpo(
             base, stage2, name=f"dpo_text{suffix}", title=f"povid_dpo: dpo_text{suffix}",
             extra=[*dpo_extra, "objective.objective=dpo", "noise.source=none"],
         ),  # fmt: skip
@@ -119,14 +136,16 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the demo's reduced size (a smoke test)")
     parser.add_argument("--dpo", nargs="*", default=[], help="extra povid_dpo overrides for both DPO variants")
     parser.add_argument("--stage1", nargs="*", default=[], help="extra povid_hallucinate overrides (needs --tag)")
+    parser.add_argument("--balanced-pref", action="store_true",
+                        help="preference images from the balanced distribution (needs --tag)")  # fmt: skip
     parser.add_argument("--tag", default="", help="name suffix of the runs made with --dpo / --stage1 overrides")
     args = parser.parse_args(argv)
-    if (args.dpo or args.stage1) and not args.tag:
-        parser.error("--dpo and --stage1 variants need a --tag to keep their runs apart")
+    if (args.dpo or args.stage1 or args.balanced_pref) and not args.tag:
+        parser.error("--dpo, --stage1 and --balanced-pref variants need a --tag to keep their runs apart")
     start = time.perf_counter()
     per_seed: Dict[int, List[dict]] = {}
     for seed in args.seeds:
-        results = run_seed(args.out, seed, args.quick, args.dpo, args.tag, args.stage1)
+        results = run_seed(args.out, seed, args.quick, args.dpo, args.tag, args.stage1, args.balanced_pref)
         rows = summary_rows(results)
         for variant, row in zip(results, rows):
             row["variant"] = variant
@@ -135,7 +154,8 @@ def main(argv: List[str] | None = None) -> int:
     text = table(agg, len(args.seeds))
     name = f"results{'_' + args.tag if args.tag else ''}"
     (args.out / f"{name}.json").write_text(json.dumps({"per_seed": per_seed, "aggregate": agg,
-                                                      "dpo_overrides": args.dpo, "stage1_overrides": args.stage1},
+                                                      "dpo_overrides": args.dpo, "stage1_overrides": args.stage1,
+                                                      "balanced_pref": args.balanced_pref},
                                                      indent=2) + "\n")  # fmt: skip
     (args.out / f"{name}.md").write_text(text)
     n = per_seed[args.seeds[0]][0]["captions"]

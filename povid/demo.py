@@ -171,10 +171,10 @@ class Demo:
     """The chain's stages over one output directory. Each method runs one stage (or reuses
     it) and returns where its output is; the benchmark script composes them into variants."""
 
-    def __init__(self, output_dir: str | Path, settings: DemoSettings) -> None:
+    def __init__(self, output_dir: str | Path, settings: DemoSettings, world_dir: Optional[Path] = None) -> None:
         self.out = Path(output_dir)
         self.settings = settings
-        self.world_dir = self.out / "world"
+        self.world_dir = Path(world_dir) if world_dir else self.out / "world"
         self.images = self.world_dir / "images"
         self.seconds: Dict[str, float] = {}
 
