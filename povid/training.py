@@ -44,6 +44,7 @@ __all__ = [
     "set_vision_trainable",
     "model_state_for_save",
     "save_step_checkpoint",
+    "save_training_checkpoint",
     "link_final",
     "restore_step_checkpoint",
     "vision_param_groups",
@@ -343,6 +344,47 @@ def save_step_checkpoint(
         )
         checkpointer.save_checkpoint(merged, name=f"{step_dir.name}/model")
     atomic_torch_save({**recipe_state, "trainable": trained if lora else None}, step_dir / "recipe_state.pt")
+
+
+def save_training_checkpoint(
+    step_dir: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    checkpointer: Any,
+    trainable: Set[str],
+    progress: Dict[str, Any],
+    lora: bool,
+    save_model: bool,
+    final: bool,
+    dtype: torch.dtype,
+    distributed: bool,
+    is_rank_zero: bool,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    adapter_config: Optional[Dict[str, Any]] = None,
+) -> None:
+    """A recipe's whole checkpoint at ``step_dir`` (``output_dir/step_N``), on any world size:
+    gathers the model and optimizer state (every rank takes part under FSDP2), writes them with
+    :func:`save_step_checkpoint` on rank 0 with ``progress`` (step, epoch, scheduler, ... as the
+    recipe resumes from them), points ``final`` at it when ``final``, and waits for all ranks."""
+    state = model_state_for_save(model, distributed=distributed, is_rank_zero=is_rank_zero)
+    if distributed:
+        from torchtune import training as tune_training
+
+        optimizer_state = tune_training.get_full_optimizer_state_dict(model, optimizer, is_rank_zero)
+    else:
+        optimizer_state = optimizer.state_dict()
+    if is_rank_zero:
+        save_step_checkpoint(
+            checkpointer, step_dir, state, trainable, {**progress, "optimizer": optimizer_state},
+            lora=lora, save_model=save_model or final, dtype=dtype, lora_rank=lora_rank,
+            lora_alpha=lora_alpha, adapter_config=adapter_config,
+        )  # fmt: skip
+        if final:
+            link_final(step_dir.parent, step_dir)
+    if distributed:
+        dist.barrier()
 
 
 def restore_step_checkpoint(

@@ -50,10 +50,9 @@ from povid.training import (
     is_lora_model,
     latest_checkpoint,
     link_final,
-    model_state_for_save,
     peak_memory_gb,
     restore_step_checkpoint,
-    save_step_checkpoint,
+    save_training_checkpoint,
     set_trainable,
     set_vision_trainable,
     shard_llava,
@@ -251,38 +250,32 @@ class LlavaSFTRecipe:
             if final and self.is_rank_zero:
                 link_final(self.output_dir, step_dir)
             return
-        state = model_state_for_save(self.model, distributed=self.distributed, is_rank_zero=self.is_rank_zero)
-        if self.distributed:
-            optimizer_state = training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero)
-        else:
-            optimizer_state = self.optimizer.state_dict()
+        save_training_checkpoint(
+            step_dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            checkpointer=self.checkpointer,
+            trainable=self.trainable,
+            progress={
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "batches_done_in_epoch": self.batches_done_in_epoch,
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "seed": cfg.seed,
+                "world_size": self.world_size,
+            },
+            lora=self.lora,
+            save_model=bool(cfg.save_merged),
+            final=final,
+            dtype=self.dtype,
+            distributed=self.distributed,
+            is_rank_zero=self.is_rank_zero,
+            lora_rank=cfg.model.get("lora_rank", 8),
+            lora_alpha=cfg.model.get("lora_alpha", 16),
+            adapter_config=OmegaConf.to_container(cfg.adapter_config) if cfg.get("adapter_config") else {},
+        )
         if self.is_rank_zero:
-            save_step_checkpoint(
-                self.checkpointer,
-                step_dir,
-                state,
-                self.trainable,
-                {
-                    "global_step": self.global_step,
-                    "epoch": self.epoch,
-                    "batches_done_in_epoch": self.batches_done_in_epoch,
-                    "optimizer": optimizer_state,
-                    "lr_scheduler": self.lr_scheduler.state_dict(),
-                    "seed": cfg.seed,
-                    "world_size": self.world_size,
-                },
-                lora=self.lora,
-                save_model=bool(cfg.save_merged or final),
-                dtype=self.dtype,
-                lora_rank=cfg.model.get("lora_rank", 8),
-                lora_alpha=cfg.model.get("lora_alpha", 16),
-                adapter_config=OmegaConf.to_container(cfg.adapter_config) if cfg.get("adapter_config") else {},
-            )
-            if final:
-                link_final(self.output_dir, step_dir)
             log.info(f"Saved checkpoint {step_dir}")
-        if self.distributed:
-            dist.barrier()
         self.last_checkpoint = step_dir
 
     def _resume(self) -> None:
