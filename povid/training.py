@@ -45,6 +45,8 @@ __all__ = [
     "model_state_for_save",
     "save_step_checkpoint",
     "save_training_checkpoint",
+    "check_finite",
+    "mean_over_ranks",
     "link_final",
     "restore_step_checkpoint",
     "vision_param_groups",
@@ -344,6 +346,30 @@ def save_step_checkpoint(
         )
         checkpointer.save_checkpoint(merged, name=f"{step_dir.name}/model")
     atomic_torch_save({**recipe_state, "trainable": trained if lora else None}, step_dir / "recipe_state.pt")
+
+
+def check_finite(value: torch.Tensor, what: str, *, step: int, epoch: int, last_checkpoint: Optional[Path]) -> None:
+    """Stop a run before an update with a non-finite ``value`` (loss, gradient norm), naming the
+    step about to be taken and the last good checkpoint.
+
+    Raises:
+        FloatingPointError: ``value`` holds a NaN or an infinity.
+    """
+    if not torch.isfinite(value).all():
+        where = last_checkpoint or "none saved yet"
+        raise FloatingPointError(
+            f"non-finite {what} at step {step} (epoch {epoch}); training stopped before the update. "
+            f"Last good checkpoint: {where}. Lower the learning rate or use fp32/bf16 instead of fp16."
+        )
+
+
+def mean_over_ranks(metrics: Dict[str, float], world_size: int) -> Dict[str, float]:
+    """Average each metric over the ranks that report it (ranks may report different keys, e.g.
+    a noise term only where a batch had noise rows). Every rank must call it."""
+    parts: List[Optional[Dict[str, float]]] = [None] * world_size
+    dist.all_gather_object(parts, metrics)
+    keys = dict.fromkeys(k for part in parts if part for k in part)
+    return {k: sum(p[k] for p in parts if p and k in p) / sum(bool(p) and k in p for p in parts) for k in keys}
 
 
 def save_training_checkpoint(

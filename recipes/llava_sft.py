@@ -45,11 +45,13 @@ from povid.config import parse
 from povid.training import (
     MetricsJsonl,
     all_reduce_replicated_grads,
+    check_finite,
     clip_grad_norm,
     image_encoder,
     is_lora_model,
     latest_checkpoint,
     link_final,
+    mean_over_ranks,
     peak_memory_gb,
     restore_step_checkpoint,
     save_training_checkpoint,
@@ -222,19 +224,11 @@ class LlavaSFTRecipe:
         self.save_checkpoint(final=True)
 
     def _check_finite(self, value: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(value).all():
-            where = self.last_checkpoint or "none saved yet"
-            raise FloatingPointError(
-                f"non-finite {what} at step {self.global_step + 1} (epoch {self.epoch}); training "
-                f"stopped before the update. Last good checkpoint: {where}. Lower the learning rate "
-                f"or use fp32/bf16 instead of fp16."
-            )
+        check_finite(value, what, step=self.global_step + 1, epoch=self.epoch, last_checkpoint=self.last_checkpoint)
 
     def _log(self, metrics: Dict[str, float]) -> None:
         if self.distributed:
-            values = torch.tensor(list(metrics.values()), dtype=torch.float64)
-            dist.all_reduce(values, op=dist.ReduceOp.AVG)
-            metrics = dict(zip(metrics, values.tolist()))
+            metrics = mean_over_ranks(metrics, self.world_size)
         if self.is_rank_zero:
             self.metrics_file.log(self.global_step, metrics)
             if self.global_step % self.cfg.log_every_n_steps == 0:

@@ -59,12 +59,14 @@ from povid.training import (
     answer_targets,
     answer_token_counts,
     atomic_torch_save,
+    check_finite,
     clip_grad_norm,
     encode_images,
     image_encoder,
     is_lora_model,
     latest_checkpoint,
     link_final,
+    mean_over_ranks,
     peak_memory_gb,
     restore_step_checkpoint,
     row_logits,
@@ -475,21 +477,11 @@ class POVIDDPORecipe:
         self.save_checkpoint(final=True)
 
     def _check_finite(self, value: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(value).all():
-            where = self.last_checkpoint or "none saved yet"
-            raise FloatingPointError(
-                f"non-finite {what} at step {self.global_step + 1} (epoch {self.epoch}); training "
-                f"stopped before the update. Last good checkpoint: {where}. Lower the learning rate "
-                f"or use fp32/bf16 instead of fp16."
-            )
+        check_finite(value, what, step=self.global_step + 1, epoch=self.epoch, last_checkpoint=self.last_checkpoint)
 
     def _log(self, metrics: Dict[str, float]) -> None:
         if self.distributed:
-            # Ranks may report different keys (a noise term only where a batch had noise rows).
-            parts = [None] * self.world_size
-            dist.all_gather_object(parts, metrics)
-            keys = dict.fromkeys(k for part in parts for k in part)
-            metrics = {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}
+            metrics = mean_over_ranks(metrics, self.world_size)
         if self.is_rank_zero:
             self.metrics_file.log(self.global_step, metrics)
             if self.global_step % self.cfg.log_every_n_steps == 0:
