@@ -71,7 +71,7 @@ def run_seed(
     suffix = f"_{tag}" if tag else ""
     # A stage-1 or preference-image variant gets its own stage 1 and 2 data; the base, the SFT
     # control and the evaluation images are shared.
-    data = f"{suffix}" if stage1_extra or balanced_pref else ""
+    data = suffix if stage1_extra or balanced_pref else ""
     pairs = balanced_preference_images(demo) if balanced_pref else demo
     stage2 = pairs.stage2(base, pairs.stage1(f"stage1{data}", stage1_extra), name=f"stage2{data}")
     models = {

@@ -18,12 +18,11 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from povid_data.records import CHOSEN, read_llava_records, resolve_image
+from povid_data.records import CHOSEN, check_image_markers, default_image_dir, read_llava_records, resolve_image
 from povid_data.transforms import (
     IGNORE_INDEX,
     LlavaImageTransform,
     LlavaMessageTransform,
-    count_images,
     load_image,
 )
 
@@ -53,20 +52,12 @@ class InstructionDataset(Dataset):
         self.records, self.source = read_llava_records(source, require=(CHOSEN,))
         if not self.records:
             raise ValueError(f"{self.source}: no records")
-        if image_dir is None and isinstance(source, (str, Path)) and Path(str(source)).is_file():
-            image_dir = Path(str(source)).parent
-        self.image_dir = image_dir
+        self.image_dir = default_image_dir(source, image_dir)
         self.messages = message_transform
         self.images = image_transform
         self.truncate = truncate
         for record in self.records:
-            expected = 1 if record.get("image") else 0
-            found = count_images(record[CHOSEN])
-            if found != expected:
-                raise ValueError(
-                    f"{self.source}: record id={record['id']!r}: field {CHOSEN!r} has {found} "
-                    f"<image> marker(s), but the record has {expected} image(s)"
-                )
+            check_image_markers(record, (CHOSEN,), self.source)
 
     def __len__(self) -> int:
         return len(self.records)

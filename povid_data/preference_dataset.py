@@ -25,12 +25,19 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-from povid_data.records import CHOSEN, NOISE, REJECTED, read_llava_records, resolve_image
+from povid_data.records import (
+    CHOSEN,
+    NOISE,
+    REJECTED,
+    check_image_markers,
+    default_image_dir,
+    read_llava_records,
+    resolve_image,
+)
 from povid_data.transforms import (
     IGNORE_INDEX,
     LlavaImageTransform,
     LlavaMessageTransform,
-    count_images,
     load_image,
 )
 
@@ -70,9 +77,7 @@ class PreferenceDataset(Dataset):
         self.records, self.source = read_llava_records(source, require=(CHOSEN, REJECTED))
         if not self.records:
             raise ValueError(f"{self.source}: no records")
-        if image_dir is None and isinstance(source, (str, Path)) and Path(str(source)).is_file():
-            image_dir = Path(str(source)).parent
-        self.image_dir = image_dir
+        self.image_dir = default_image_dir(source, image_dir)
         self.messages = message_transform
         self.images = image_transform
         self.use_noise_answers = use_noise_answers
@@ -80,7 +85,7 @@ class PreferenceDataset(Dataset):
         self.truncate = truncate
         self.epoch = 0
         for record in self.records:
-            self._check_images(record)
+            check_image_markers(record, list(_FIELDS.values()), self.source)
 
     def set_epoch(self, epoch: int) -> None:
         """Online noise is drawn afresh per epoch (and reproducibly: seed, id, epoch)."""
@@ -92,19 +97,6 @@ class PreferenceDataset(Dataset):
     def has_noise_answer(self, index: int) -> bool:
         """Whether record ``index`` carries a stage-2 noise answer that will be used."""
         return self.use_noise_answers and self.records[index].get(NOISE) is not None
-
-    def _check_images(self, record: Dict[str, Any]) -> None:
-        where = f"{self.source}: record id={record['id']!r}"
-        expected = 1 if record.get("image") else 0
-        for kind, field in _FIELDS.items():
-            if record.get(field) is None:
-                continue
-            found = count_images(record[field])
-            if found != expected:
-                raise ValueError(
-                    f"{where}: field {field!r} has {found} <image> marker(s), but the record has "
-                    f"{expected} image(s)"
-                )
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         record = self.records[index]

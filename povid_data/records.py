@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from povid_data.jsonl import read_records
+from povid_data.transforms import count_images
 
 __all__ = [
     "CHOSEN",
@@ -32,6 +33,8 @@ __all__ = [
     "question_and_answer",
     "with_answer",
     "resolve_image",
+    "default_image_dir",
+    "check_image_markers",
 ]
 
 CHOSEN = "conversations"
@@ -148,3 +151,29 @@ def resolve_image(record: Dict[str, Any], image_dir: Optional[str | Path], sourc
             f"{source}: record id={record.get('id')!r}: field 'image': file not found: {path}"
         )
     return path
+
+
+def default_image_dir(source: Any, image_dir: Optional[str | Path]) -> Optional[str | Path]:
+    """``image_dir`` if given, else the folder of a data file (None for a ``datasets`` source)."""
+    if image_dir is None and isinstance(source, (str, Path)) and Path(str(source)).is_file():
+        return Path(str(source)).parent
+    return image_dir
+
+
+def check_image_markers(record: Dict[str, Any], fields: Sequence[str], source: str) -> None:
+    """Every present conversation field holds one ``<image>`` marker if the record has an image,
+    none if it has not.
+
+    Raises:
+        ValueError: naming the source, record id and field.
+    """
+    expected = 1 if record.get("image") else 0
+    for field in fields:
+        if record.get(field) is None:
+            continue
+        found = count_images(record[field])
+        if found != expected:
+            raise ValueError(
+                f"{source}: record id={record['id']!r}: field {field!r} has {found} <image> "
+                f"marker(s), but the record has {expected} image(s)"
+            )

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _shapes import save_shape_image
 from povid.tiny import make_tiny_checkpoint
 
 
@@ -26,8 +27,6 @@ def image_files(tmp_path_factory):
     return paths
 
 
-COLOURS = ["red", "green", "blue", "yellow"]
-SHAPES = ["circle", "square"]
 
 
 @pytest.fixture(scope="session")
@@ -35,17 +34,11 @@ def preference_data(tmp_path_factory):
     """A small POVID preference file (16 records; noise answers on every other one) + images."""
     import json
 
-    from PIL import ImageDraw
-
     directory = tmp_path_factory.mktemp("preferences")
     question = "<image>\nDescribe this image in detail."
     records = []
     for i in range(16):
-        colour, shape = COLOURS[i % 4], SHAPES[(i // 4) % 2]
-        image = Image.new("RGB", (40, 32), "white")
-        draw = ImageDraw.Draw(image)
-        (draw.ellipse if shape == "circle" else draw.rectangle)((8, 6, 28, 26), fill=colour)
-        image.save(directory / f"{i}.png")
+        colour, shape = save_shape_image(directory / f"{i}.png", i)
 
         def turns(answer):
             return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]

@@ -5,14 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
-
 import llava_sft
+from _shapes import save_shape_image
 from povid.checkpoint import load_llava
 from povid.training import shifted_cross_entropy
 
-COLOURS = ["red", "green", "blue", "yellow"]
-SHAPES = ["circle", "square"]
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +18,7 @@ def sft_data(tmp_path_factory):
     directory = tmp_path_factory.mktemp("sft")
     records = []
     for i in range(16):
-        colour, shape = COLOURS[i % 4], SHAPES[(i // 4) % 2]
-        image = Image.new("RGB", (40, 32), "white")
-        draw = ImageDraw.Draw(image)
-        (draw.ellipse if shape == "circle" else draw.rectangle)((8, 6, 28, 26), fill=colour)
-        image.save(directory / f"{i}.png")
+        colour, shape = save_shape_image(directory / f"{i}.png", i)
         turns = [
             {"from": "human", "value": "<image>\nDescribe this image in detail."},
             {"from": "gpt", "value": f"There is a {colour} {shape} in the middle of the image."},
