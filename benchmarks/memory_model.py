@@ -62,7 +62,8 @@ def config_settings(name: str) -> dict:
         size="13B" if "13b" in name else "7B",
         method=method,
         lora_rank=0 if full else int(model.lora_rank),
-        lora_dropout=0.0 if full else float(model.lora_dropout),
+        # disable_dropout (the default) turns LoRA's dropout off during preference training.
+        lora_dropout=0.0 if full or cfg.get("disable_dropout", True) else float(model.lora_dropout),
         lora_attn_modules=tuple(model.get("lora_attn_modules", ["q_proj", "k_proj", "v_proj", "output_proj"])),
         apply_lora_to_mlp=bool(model.get("apply_lora_to_mlp", True)),
         apply_lora_to_output=bool(model.get("apply_lora_to_output", False)),
@@ -71,6 +72,7 @@ def config_settings(name: str) -> dict:
         seq_len=int(cfg.max_seq_len),
         rows_per_example=rows,
         dtype=str(cfg.dtype),
+        trainable_dtype=str(cfg.get("trainable_dtype") or "fp32"),
         activation_checkpointing=bool(cfg.enable_activation_checkpointing),
         world_size=world,
         precomputed_reference=bool(cfg.reference.precompute),
@@ -82,7 +84,7 @@ def config_settings(name: str) -> dict:
 def estimate_for(settings: dict, **overrides) -> dict:
     from povid.memory import estimate_memory
 
-    keys = ["method", "lora_rank", "batch_size", "seq_len", "rows_per_example", "dtype",
+    keys = ["method", "lora_rank", "batch_size", "seq_len", "rows_per_example", "dtype", "trainable_dtype",
             "activation_checkpointing", "world_size", "precomputed_reference", "online_noise",
             "lora_dropout", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output",
             "projector_trainable"]  # fmt: skip

@@ -170,3 +170,20 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:
         return recipe_main(load_config(argv, description=recipe_main.__doc__))
 
     return wrapper
+
+
+def check_choice(cfg: "DictConfig", key: str, choices: Sequence[Any]) -> Any:
+    """The value at the dotted ``key`` of ``cfg`` (``None`` if unset), checked against ``choices``.
+
+    A typo in an enumerated setting must not silently select another branch of a recipe.
+
+    Raises:
+        ValueError: the value is not one of ``choices``; the message names the key, the value
+            and the choices.
+    """
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        raise ValueError(f"config: {key}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
+    return value

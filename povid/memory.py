@@ -13,7 +13,11 @@ Where the numbers come from:
   linears in torchao NF4: 4 bits + one int8 scaler per block of 64 + one fp32 factor per 256
   blocks = 0.5159 bytes per weight; everything else stays in ``dtype``.
 - **Gradients and optimizer**: one gradient and two AdamW moments per trainable parameter, in
-  the parameter's dtype (``torch.optim.AdamW`` keeps its state like the parameter).
+  the parameter's dtype (``torch.optim.AdamW`` keeps its state like the parameter). Trainable
+  parameters are stored in ``trainable_dtype`` (fp32 by default: master weights, as DeepSpeed's
+  bf16 mode keeps them) while the frozen rest is in ``dtype``; on one device autocast holds a
+  ``dtype`` copy of each trainable weight during the forward (FSDP2 all-gathers in ``dtype``
+  instead, counted with its buffers).
 - **FSDP** (``world_size > 1``, ``shard_llava``): everything of the LLM (layers, embeddings,
   norm, output head) is sharded, the vision encoder and projector are replicated; two unsharded
   decoder layers are in flight (current + prefetched), for parameters and for gradients.
@@ -178,12 +182,15 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be lora, qlora or full; got {method!r}")
 
 
-def _parameter_bytes(counts: ParameterCounts, method: str, e: int, world_size: int) -> Dict[str, float]:
-    """Bytes of weights per device: replicated encoder, sharded LLM."""
+def _parameter_bytes(counts: ParameterCounts, method: str, e: int, t: int, world_size: int) -> Dict[str, float]:
+    """Bytes of weights per device: replicated encoder, sharded LLM; the trainable ones at ``t``
+    bytes (+ the ``e``-byte autocast copies of them on one device)."""
     linear_bytes = NF4_BYTES_PER_WEIGHT if method == "qlora" else e
-    replicated = (counts.vision + counts.projector) * e
-    sharded = counts.llm_linear * linear_bytes + (counts.llm_other + counts.adapters) * e
-    return {"replicated": replicated, "sharded": sharded / world_size}
+    sharded_trainable = counts.trainable - counts.trainable_replicated
+    replicated = (counts.vision + counts.projector) * e + counts.trainable_replicated * (t - e)
+    sharded = counts.llm_linear * linear_bytes + (counts.llm_other + counts.adapters) * e + sharded_trainable * (t - e)
+    copies = counts.trainable * e if world_size == 1 and t != e else 0
+    return {"replicated": replicated + copies, "sharded": sharded / world_size}
 
 
 def _activation_bytes(
@@ -243,6 +250,7 @@ def estimate_memory(
     projector_trainable: bool = False,
     logits_positions: str = "all",
     answer_len: int = 256,
+    trainable_dtype: str = "fp32",
 ) -> Dict[str, float]:
     """Peak memory of one povid_dpo training step per device, in GB by component.
 
@@ -265,26 +273,28 @@ def estimate_memory(
         logits_positions: ``all`` (every position; an upper bound) or ``answer`` (head on answer
             tokens only, as povid_dpo does).
         answer_len: answer tokens per row, used with ``logits_positions="answer"``.
+        trainable_dtype: dtype of the trainable parameters, their gradients and AdamW state.
 
     Returns:
         ``{"parameters", "gradients", "optimizer", "activations", "logits", "reference",
         "fsdp_buffers", "total"}`` in GB (1024**3 bytes).
     """
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    for name, value in (("dtype", dtype), ("trainable_dtype", trainable_dtype)):
+        if value not in DTYPE_BYTES:
+            raise ValueError(f"{name} must be one of {sorted(DTYPE_BYTES)}, got {value!r}")
     if logits_positions not in ("all", "answer"):
         raise ValueError(f"logits_positions must be 'all' or 'answer', got {logits_positions!r}")
-    e = DTYPE_BYTES[dtype]
+    e, t = DTYPE_BYTES[dtype], DTYPE_BYTES[trainable_dtype]
     precomputed_reference = precomputed_reference and not online_noise
     counts = count_parameters(
         args, method=method, lora_rank=lora_rank, lora_attn_modules=lora_attn_modules,
         apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
         projector_trainable=projector_trainable,
     )  # fmt: skip
-    weights = _parameter_bytes(counts, method, e, world_size)
+    weights = _parameter_bytes(counts, method, e, t, world_size)
     parameters = weights["replicated"] + weights["sharded"]
     sharded_trainable = counts.trainable - counts.trainable_replicated
-    trainable_bytes = (counts.trainable_replicated + sharded_trainable / world_size) * e
+    trainable_bytes = (counts.trainable_replicated + sharded_trainable / world_size) * t
     gradients = trainable_bytes
     optimizer = 2 * trainable_bytes
 
@@ -305,7 +315,8 @@ def estimate_memory(
 
     reference = 0.0
     if method == "full" and not precomputed_reference:
-        reference += parameters  # frozen copy, sharded like the policy; freed after precompute
+        # A frozen copy in the compute dtype, sharded like the policy; freed after precompute.
+        reference += sum(_parameter_bytes(counts, method, e, e, world_size).values())
     elif projector_trainable:
         reference += counts.projector * e
     if not precomputed_reference:

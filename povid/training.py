@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import hashlib
 import resource
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
@@ -26,6 +27,11 @@ from povid_data.transforms import IGNORE_INDEX
 __all__ = [
     "is_lora_model",
     "set_trainable",
+    "trainable_state_keys",
+    "upcast_trainable",
+    "mixed_precision",
+    "disable_dropout",
+    "run_length",
     "image_encoder",
     "encode_images",
     "Positions",
@@ -48,6 +54,9 @@ __all__ = [
     "check_finite",
     "mean_over_ranks",
     "link_final",
+    "merged_for_save",
+    "checkpoint_dtype",
+    "fingerprint",
     "restore_step_checkpoint",
     "vision_param_groups",
 ]
@@ -74,6 +83,69 @@ def set_trainable(model: nn.Module, *, projector_trainable: bool) -> Set[str]:
     return names
 
 
+def trainable_state_keys(trainable: Set[str]) -> Set[str]:
+    """The state-dict keys of the parameters named in ``trainable`` (``named_parameters`` names).
+
+    torchtune's ``EarlyFusionModel`` keeps the token embedding at its top level but saves it as
+    ``decoder.tok_embeddings.weight`` (a state-dict hook), so that one name differs."""
+    return {"decoder." + n if n.startswith("tok_embeddings.") else n for n in trainable}
+
+
+def upcast_trainable(model: nn.Module, trainable: Set[str], dtype: torch.dtype = torch.float32) -> int:
+    """Store the parameters named in ``trainable`` in ``dtype`` (their gradients and AdamW
+    moments follow); the frozen rest keeps the compute dtype. Returns how many were cast.
+
+    Pure-bf16 AdamW loses updates smaller than half a bf16 step of the weight: at POVID's lr
+    1e-7 a LoRA-A entry of ~1e-2 never moves. The released run trains with fp32 master weights
+    (DeepSpeed bf16); fp32 trainable parameters under :func:`mixed_precision` compute the same
+    update. Call it after any frozen copy of the model (the full fine-tuning reference) is made.
+    """
+    cast = 0
+    for name, param in model.named_parameters():
+        if name in trainable and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += param.numel()
+    return cast
+
+
+def mixed_precision(
+    device: torch.device, compute_dtype: torch.dtype, trainable_dtype: torch.dtype, *, distributed: bool
+) -> Any:
+    """The context a training forward runs in: ``torch.autocast`` to ``compute_dtype`` when the
+    trainable parameters are kept in a wider ``trainable_dtype`` on one device (matmuls then see
+    compute-dtype copies of them, as DeepSpeed's bf16 copies of its fp32 masters); a no-op when
+    the dtypes agree, or under FSDP2, where :func:`shard_llava`'s ``MixedPrecisionPolicy`` does
+    the cast at all-gather (autocast would keep a cast copy of every unsharded layer)."""
+    if distributed or compute_dtype == trainable_dtype:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=compute_dtype)
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Turn every dropout of ``model`` off, LoRA's included (TRL's ``disable_dropout``, which
+    POVID's released trainer inherits): a policy log-prob and its online argmax must not be
+    random. Returns the number of dropout modules and attention-dropout settings switched off."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            switched += 1
+        if isinstance(getattr(module, "attn_dropout", None), float) and module.attn_dropout > 0:
+            module.attn_dropout = 0.0
+            switched += 1
+    return switched
+
+
+def run_length(steps_per_epoch: int, epochs: int, max_steps: Optional[int]) -> int:
+    """Optimizer steps of a run, as Hugging Face's Trainer counts them: ``max_steps`` when set
+    (epochs cycle as often as it takes), otherwise ``epochs`` passes over the data."""
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {max_steps}")
+        return int(max_steps)
+    return steps_per_epoch * epochs
+
+
 def image_encoder(model: nn.Module) -> nn.Module:
     """The LLaVA vision encoder (CLIP tower + projector) of a fusion model."""
     return model.encoders["image"]
@@ -85,7 +157,10 @@ def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     encoder = image_encoder(model)
     with torch.no_grad():
         clip = encoder.image_features(images)
-    return encoder.projector(clip)
+    # A trainable projector may be kept in fp32 (upcast_trainable) while the tower computes in
+    # bf16; FSDP2 leaves the replicated encoder to us, so the cast is done here.
+    projector_dtype = next(encoder.projector.parameters()).dtype
+    return encoder.projector(clip.to(projector_dtype)).to(clip.dtype)
 
 
 Positions = Tuple[torch.Tensor, torch.Tensor]
@@ -170,14 +245,24 @@ def answer_token_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
-def shard_llava(model: nn.Module, *, reshard_after_forward: bool = True) -> None:
+def shard_llava(
+    model: nn.Module, *, reshard_after_forward: bool = True, compute_dtype: Optional[torch.dtype] = None
+) -> None:
     """FSDP2: shard every LLM layer and the rest of the decoder; keep the vision encoder
     replicated (frozen tower; a trainable projector is kept in sync by
-    :func:`all_reduce_replicated_grads`) so that it can run outside the model's forward."""
+    :func:`all_reduce_replicated_grads`) so that it can run outside the model's forward.
+
+    ``compute_dtype``: parameters are all-gathered in it and gradients reduced in fp32
+    (``MixedPrecisionPolicy``), so sharded fp32 trainable parameters (:func:`upcast_trainable`)
+    compute like the frozen bf16 base and take fp32 updates."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
+    kwargs = {"reshard_after_forward": reshard_after_forward, **({"mp_policy": policy} if policy else {})}
     encoder_params = set(image_encoder(model).parameters())
     for layer in model.decoder.layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, ignored_params=encoder_params)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, ignored_params=encoder_params, **kwargs)
 
 
 def all_reduce_replicated_grads(params: Iterable[nn.Parameter]) -> None:
@@ -189,11 +274,13 @@ def all_reduce_replicated_grads(params: Iterable[nn.Parameter]) -> None:
             dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
 
 
-def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
     """Clip the global gradient norm of FSDP-sharded (DTensor) and replicated gradients alike.
 
     ``torch.nn.utils.clip_grad_norm_`` refuses a mix of the two, which is what
     :func:`shard_llava` leaves when the projector trains. Returns the norm before clipping.
+    ``max_norm`` ``None`` (or 0) measures the norm without clipping, as DeepSpeed's default
+    ``gradient_clipping: 0`` of POVID's released run.
     """
     from torch.distributed.tensor import DTensor
 
@@ -205,6 +292,8 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Ten
         norm = torch.linalg.vector_norm(grad.float())
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
     total = torch.stack(squares).sum().sqrt()
+    if not max_norm:
+        return total
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for grad in grads:
         grad.mul_(scale.to(grad.dtype))
@@ -309,6 +398,59 @@ def link_final(output_dir: str | Path, step_dir: Path) -> None:
     link.symlink_to(step_dir.name)
 
 
+_ADAPTER_SUFFIXES = (".lora_a.weight", ".lora_b.weight", ".magnitude")
+
+
+def checkpoint_dtype(state: Dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype most of a checkpoint's floating-point weights are stored in (by element count)."""
+    counts: Dict[torch.dtype, int] = {}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def merged_for_save(
+    state: Dict[str, torch.Tensor],
+    base: Dict[str, torch.Tensor],
+    trainable: Set[str],
+    *,
+    lora_rank: int,
+    lora_alpha: float,
+    save_dtype: torch.dtype,
+) -> Dict[str, torch.Tensor]:
+    """The model to save, with LoRA merged in fp32 against the checkpoint's own weights.
+
+    ``state``: the trained model's full state on CPU (consumed: entries are popped to bound
+    memory); ``base``: the checkpoint as loaded from disk (consumed too). A frozen weight is
+    taken from ``base`` (not from the model's copy rounded to the compute dtype at load), a
+    LoRA/DoRA-wrapped weight is ``base + (alpha / r) B A`` (torchtune's merge, one module at a
+    time in fp32), a trained weight (a projector, full fine-tuning) is the model's own
+    (fp32 master) value; everything is then cast to ``save_dtype``. Merging in bf16 instead
+    rounds base + delta to a bf16 step and drops deltas below half of one: most of what a
+    lr-1e-7 stage 1 learns.
+    """
+    from torchtune.modules.peft import get_merged_lora_ckpt
+
+    wrapped = {k[: -len(".lora_a.weight")] for k in state if k.endswith(".lora_a.weight")}
+    out: Dict[str, torch.Tensor] = {}
+    for key in [k for k in state if not k.endswith(_ADAPTER_SUFFIXES)]:
+        value, original = state.pop(key), base.pop(key, None)
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        if key in trainable or original is None:
+            tensor = value
+        elif module in wrapped:
+            one = {key: original.float()}
+            for suffix in _ADAPTER_SUFFIXES:
+                if module + suffix in state:
+                    one[module + suffix] = state[module + suffix].float()
+            tensor = get_merged_lora_ckpt(one, rank=lora_rank, alpha=lora_alpha)[key]
+        else:
+            tensor = original
+        out[key] = tensor.to(save_dtype) if tensor.is_floating_point() else tensor
+    return out
+
+
 def save_step_checkpoint(
     checkpointer: Any,
     step_dir: Path,
@@ -318,7 +460,7 @@ def save_step_checkpoint(
     *,
     lora: bool,
     save_model: bool,
-    dtype: torch.dtype,
+    save_dtype: Optional[torch.dtype] = None,
     lora_rank: int = 8,
     lora_alpha: float = 16,
     adapter_config: Optional[Dict[str, Any]] = None,
@@ -326,26 +468,39 @@ def save_step_checkpoint(
     """Write ``step_dir``: ``adapter/`` (LoRA), ``model/`` (merged llava-hf weights, when
     ``save_model`` or not LoRA) and ``recipe_state.pt`` last, so a directory with a recipe state
     is complete (:func:`latest_checkpoint`). ``state`` is the full state dict on CPU;
-    ``trainable`` names what trains, kept in the recipe state of LoRA runs for resuming.
-    ``checkpointer`` is the run's :class:`povid.checkpoint.LlavaCheckpointer` (its output dir is
-    ``step_dir``'s parent)."""
-    from torchtune.modules.peft import get_merged_lora_ckpt
-
+    ``trainable`` names what trains; their (fp32 master) values are kept in the recipe state
+    for an exact resume. ``checkpointer`` is the run's :class:`povid.checkpoint.LlavaCheckpointer`
+    (its output dir is ``step_dir``'s parent); the model is merged against the weights it loads
+    (:func:`merged_for_save`) and saved in ``save_dtype`` (``None``: the checkpoint's own)."""
+    trainable = trainable_state_keys(trainable)
     trained = {k: v for k, v in state.items() if k in trainable}
     if lora:
         checkpointer.save_adapter(trained, step_dir / "adapter", adapter_config or {})
     if save_model or not lora:
-        merged = (
-            get_merged_lora_ckpt(
-                {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
-                rank=lora_rank,
-                alpha=lora_alpha,
-            )
-            if lora
-            else state
+        base = checkpointer.load_checkpoint()["model"]
+        dtype = save_dtype or checkpoint_dtype(base)
+        merged = merged_for_save(
+            dict(state), base, trainable, lora_rank=lora_rank, lora_alpha=lora_alpha, save_dtype=dtype
         )
         checkpointer.save_checkpoint(merged, name=f"{step_dir.name}/model")
-    atomic_torch_save({**recipe_state, "trainable": trained if lora else None}, step_dir / "recipe_state.pt")
+    atomic_torch_save({**recipe_state, "trainable": trained}, step_dir / "recipe_state.pt")
+
+
+def fingerprint(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, or of a directory's files (relative names and bytes, in
+    sorted order: a ``datasets`` directory saved with ``save_to_disk``)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{path}: no such file, or a directory without files")
+    for file in files:
+        if file != path:
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_finite(value: torch.Tensor, what: str, *, step: int, epoch: int, last_checkpoint: Optional[Path]) -> None:
@@ -383,7 +538,7 @@ def save_training_checkpoint(
     lora: bool,
     save_model: bool,
     final: bool,
-    dtype: torch.dtype,
+    save_dtype: Optional[torch.dtype],
     distributed: bool,
     is_rank_zero: bool,
     lora_rank: int = 8,
@@ -404,7 +559,7 @@ def save_training_checkpoint(
     if is_rank_zero:
         save_step_checkpoint(
             checkpointer, step_dir, state, trainable, {**progress, "optimizer": optimizer_state},
-            lora=lora, save_model=save_model or final, dtype=dtype, lora_rank=lora_rank,
+            lora=lora, save_model=save_model or final, save_dtype=save_dtype, lora_rank=lora_rank,
             lora_alpha=lora_alpha, adapter_config=adapter_config,
         )  # fmt: skip
         if final:
@@ -431,6 +586,8 @@ def restore_step_checkpoint(
         model.load_state_dict(state["trainable"], strict=False)
     else:
         weights = LlavaCheckpointer(step_dir / "model").load_checkpoint()["model"]
+        # The saved model is in the save dtype; what trains resumes from its fp32 masters.
+        weights.update(state.get("trainable") or {})
         if distributed:
             from torchtune import training as tune_training
 

@@ -52,13 +52,16 @@ from povid.training import (
     latest_checkpoint,
     link_final,
     mean_over_ranks,
+    mixed_precision,
     peak_memory_gb,
     restore_step_checkpoint,
+    run_length,
     save_training_checkpoint,
     set_trainable,
     set_vision_trainable,
     shard_llava,
     shifted_cross_entropy,
+    upcast_trainable,
     vision_param_groups,
 )
 from povid_data.instruction_dataset import InstructionDataset, collate_instructions
@@ -80,6 +83,8 @@ class LlavaSFTRecipe:
         self.is_rank_zero = self.rank == 0
         self.device = utils.get_device(cfg.device)
         self.dtype = training.get_dtype(cfg.dtype, device=self.device)
+        # The parameters that train (and their AdamW state) in fp32 whatever the compute dtype.
+        self.trainable_dtype = training.get_dtype(cfg.get("trainable_dtype", "fp32"), device=self.device)
         self.output_dir = Path(cfg.output_dir)
         self.global_step = 0
         self.epoch = 0
@@ -104,13 +109,14 @@ class LlavaSFTRecipe:
         self.trainable = set_trainable(self.model, projector_trainable=bool(cfg.projector_trainable))
         if cfg.get("vision_trainable", False):
             self.trainable = set_vision_trainable(self.model, self.trainable)
+        upcast_trainable(self.model, self.trainable, self.trainable_dtype)
         # Parameters FSDP does not manage (the replicated vision encoder) are averaged by hand.
         self.replicated_params = [p for p in image_encoder(self.model).parameters() if p.requires_grad]
 
         if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(self.model, auto_wrap_policy={TransformerSelfAttentionLayer})
         if self.distributed:
-            shard_llava(self.model)
+            shard_llava(self.model, compute_dtype=self.dtype)
         if cfg.compile:
             training.compile_model(self.model, verbose=self.is_rank_zero)
 
@@ -118,9 +124,7 @@ class LlavaSFTRecipe:
         groups = vision_param_groups(self.model, cfg.optimizer.lr, cfg.get("vision_lr_scale", 1.0))
         self.optimizer = config.instantiate(cfg.optimizer, groups)
         self.steps_per_epoch = math.ceil(len(self.dataloader) / cfg.gradient_accumulation_steps)
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.total_steps = run_length(self.steps_per_epoch, cfg.epochs, cfg.max_steps)
         self.lr_scheduler = training.get_cosine_schedule_with_warmup(
             self.optimizer,
             num_warmup_steps=int(round(cfg.warmup_ratio * self.total_steps)),
@@ -166,7 +170,8 @@ class LlavaSFTRecipe:
         encoder_input = None
         if batch["images"] is not None:
             encoder_input = {"image": {"images": batch["images"].to(self.device, self.dtype)}}
-        logits = self.model(tokens, encoder_input=encoder_input)
+        with mixed_precision(self.device, self.dtype, self.trainable_dtype, distributed=self.distributed):
+            logits = self.model(tokens, encoder_input=encoder_input)
         return shifted_cross_entropy(logits, labels)
 
     def train(self) -> None:
@@ -175,7 +180,7 @@ class LlavaSFTRecipe:
         accumulation = cfg.gradient_accumulation_steps
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="llava_sft", disable=not self.is_rank_zero)
         self.model.train()
-        while self.global_step < self.total_steps and self.epoch < cfg.epochs:
+        while self.global_step < self.total_steps:  # max_steps may cycle the epochs
             self.sampler.set_epoch(self.epoch)
             step_start, tokens_seen, loss_sum = time.perf_counter(), 0, 0.0
             for index, batch in enumerate(self.dataloader):
@@ -261,7 +266,7 @@ class LlavaSFTRecipe:
             lora=self.lora,
             save_model=bool(cfg.save_merged),
             final=final,
-            dtype=self.dtype,
+            save_dtype=training.get_dtype(cfg.save_dtype, device=self.device) if cfg.get("save_dtype") else None,
             distributed=self.distributed,
             is_rank_zero=self.is_rank_zero,
             lora_rank=cfg.model.get("lora_rank", 8),

@@ -50,7 +50,7 @@ from torchtune.modules.peft import (
 from tqdm import tqdm
 
 from povid.checkpoint import LlavaCheckpointer, load_model_state
-from povid.config import parse
+from povid.config import check_choice, parse
 from povid.loss import POVIDLoss, PreferenceLogProbs, answer_logprobs
 from povid.training import (
     MetricsJsonl,
@@ -61,18 +61,23 @@ from povid.training import (
     atomic_torch_save,
     check_finite,
     clip_grad_norm,
+    disable_dropout,
     encode_images,
+    fingerprint,
     image_encoder,
     is_lora_model,
     latest_checkpoint,
     link_final,
     mean_over_ranks,
+    mixed_precision,
     peak_memory_gb,
     restore_step_checkpoint,
     row_logits,
+    run_length,
     save_training_checkpoint,
     set_trainable,
     shard_llava,
+    upcast_trainable,
 )
 from povid_data.distort import distort_image, noise_seed
 from povid_data.preference_dataset import PreferenceDataset, collate_preferences
@@ -80,6 +85,18 @@ from povid_data.tokenizer import LlavaTokenizer
 from povid_data.transforms import LlavaImageTransform, LlavaMessageTransform
 
 log = utils.get_logger("INFO")
+
+# Every enumerated setting, checked at start: a typo must not silently pick another branch.
+SETTING_CHOICES = {
+    "noise.source": ("dataset", "online", "none"),
+    "noise.condition": ("clean", "noisy"),
+    "noise.overflow": ("clamp", "wrap"),
+    "noise.argmax": ("shared", "separate"),
+    "image_mode": ("pad", "crop"),
+    "dtype": ("fp32", "bf16", "fp16"),
+    "trainable_dtype": (None, "fp32", "bf16", "fp16"),
+    "save_dtype": (None, "fp32", "bf16", "fp16"),
+}
 
 
 class POVIDDPORecipe:
@@ -96,11 +113,11 @@ class POVIDDPORecipe:
         self.device = utils.get_device(cfg.device)
         self.dtype = training.get_dtype(cfg.dtype, device=self.device)
         self.output_dir = Path(cfg.output_dir)
+        for key, choices in SETTING_CHOICES.items():
+            check_choice(cfg, key, choices)
+        # The parameters that train (and their AdamW state) in fp32 whatever the compute dtype.
+        self.trainable_dtype = training.get_dtype(cfg.get("trainable_dtype", "fp32"), device=self.device)
         self.noise_source = cfg.noise.source  # dataset | online | none
-        if self.noise_source not in ("dataset", "online", "none"):
-            raise ValueError(f"noise.source must be dataset, online or none; got {self.noise_source!r}")
-        if cfg.noise.condition not in ("clean", "noisy"):
-            raise ValueError(f"noise.condition must be clean or noisy; got {cfg.noise.condition!r}")
         # noise.condition=noisy with dataset answers: score them on povid_distort's image.
         self.noisy_rows = self.noise_source == "dataset" and cfg.noise.condition == "noisy"
         self.global_step = 0
@@ -128,6 +145,10 @@ class POVIDDPORecipe:
         self.projector_trainable = bool(cfg.get("projector_trainable", False))
         self.trainable = set_trainable(self.model, projector_trainable=self.projector_trainable)
         self.projector_params = list(image_encoder(self.model).projector.parameters())
+        if cfg.get("disable_dropout", True):
+            # As TRL's DPOTrainer (POVID's released trainer): the log-probs and the online
+            # argmax of the policy must not be random.
+            disable_dropout(self.model)
 
         # The reference: adapters off (LoRA) or a frozen copy (full). A trainable projector
         # would leak into "adapters off", so the reference keeps a frozen copy of it.
@@ -137,15 +158,17 @@ class POVIDDPORecipe:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         elif self.projector_trainable:
             self.ref_projector = copy.deepcopy(image_encoder(self.model).projector).requires_grad_(False)
+        # After the reference copies, which stay frozen in the compute dtype.
+        upcast_trainable(self.model, self.trainable, self.trainable_dtype)
 
         if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(
                 self.model, auto_wrap_policy={TransformerSelfAttentionLayer}
             )
         if self.distributed:
-            shard_llava(self.model)
+            shard_llava(self.model, compute_dtype=self.dtype)
             if self.ref_model is not None:
-                shard_llava(self.ref_model)
+                shard_llava(self.ref_model, compute_dtype=self.dtype)
         if cfg.compile:
             training.compile_model(self.model, verbose=self.is_rank_zero)
 
@@ -158,9 +181,7 @@ class POVIDDPORecipe:
             log.warning("noise.source=none: the noise term of the objective is dropped")
 
         self.steps_per_epoch = math.ceil(len(self.dataloader) / cfg.gradient_accumulation_steps)
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.total_steps = run_length(self.steps_per_epoch, cfg.epochs, cfg.max_steps)
         self.lr_scheduler = training.get_cosine_schedule_with_warmup(
             self.optimizer,
             num_warmup_steps=int(round(cfg.warmup_ratio * self.total_steps)),
@@ -182,8 +203,11 @@ class POVIDDPORecipe:
             self.metrics_file = MetricsJsonl(self.output_dir / "metrics.jsonl", self.global_step)
             n_train = sum(p.numel() for n, p in self.model.named_parameters() if n in self.trainable)
             log.info(
-                f"{'LoRA' if self.lora else 'full'} training, {n_train / 1e6:.2f} M trainable params, "
-                f"{len(self.dataset)} records, {self.total_steps} steps, world size {self.world_size}"
+                f"{'LoRA' if self.lora else 'full'} training, {n_train / 1e6:.2f} M trainable params "
+                f"in {cfg.get('trainable_dtype', 'fp32')} (compute {cfg.dtype}), {len(self.dataset)} records, "
+                f"{self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs of "
+                f"{self.steps_per_epoch}{', set by max_steps' if cfg.max_steps is not None else ''}), "
+                f"world size {self.world_size}"
             )
 
     def _setup_data(self) -> None:
@@ -336,6 +360,9 @@ class POVIDDPORecipe:
             out.setdefault(kind, []).append(self.reference_cache[batch["ids"][owner]][kind])
         return {k: torch.tensor(v, device=self.device) for k, v in out.items()}
 
+    def _mixed_precision(self):
+        return mixed_precision(self.device, self.dtype, self.trainable_dtype, distributed=self.distributed)
+
     def _preference_logprobs(self, batch) -> PreferenceLogProbs:
         features = self._batch_features(self.model, batch, reference=False)
         policy = self._row_logps(
@@ -372,23 +399,42 @@ class POVIDDPORecipe:
 
     # ------------------------------------------------------------------------- reference cache
 
-    def _reference_cache_path(self) -> Path:
-        cfg = self.cfg
-        digest = hashlib.sha256()
-        digest.update(Path(cfg.data_file).read_bytes())
-        for name in sorted(p.name for p in Path(cfg.checkpoint_dir).iterdir()):
-            stat = (Path(cfg.checkpoint_dir) / name).stat()
-            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        settings = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("max_seq_len", "image_mode", "dtype")}
-        digest.update(json.dumps([settings, self.noise_source, str(self.dataset.image_dir)]).encode())
-        return self.output_dir / "reference_logps" / f"{digest.hexdigest()[:16]}.pt"
+    def _reference_cache_key(self) -> Dict[str, Any]:
+        """Everything a reference log-prob depends on: the data, the base weights, the model as
+        configured, and each setting of the transforms and the noise. (Not the learning rate,
+        objective or schedule: they change the policy, not the reference.)"""
+        cfg = OmegaConf.to_container(self.cfg, resolve=True)
+        checkpoint = Path(cfg["checkpoint_dir"])
+        return {
+            "data": fingerprint(cfg["data_file"]),
+            "image_dir": str(Path(self.dataset.image_dir).resolve()),
+            "checkpoint": [
+                (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(checkpoint.iterdir()) if p.is_file()
+            ],
+            "clip_dir": cfg.get("clip_dir") and str(Path(cfg["clip_dir"]).resolve()),
+            "model": cfg["model"],
+            "noise": cfg["noise"],
+            **{k: cfg.get(k) for k in ("max_seq_len", "image_mode", "dtype", "trainable_dtype", "device")},
+        }
+
+    def _reference_cache_path(self, key: Dict[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        return self.output_dir / "reference_logps" / f"{digest[:16]}.pt"
 
     def _precompute_reference(self) -> Dict[str, Dict[str, float]]:
         """Reference log-probs of every dataset row, computed once and cached on disk."""
-        path = self._reference_cache_path()
+        key = self._reference_cache_key()
+        path = self._reference_cache_path(key)
         if path.exists():
-            log.info(f"Reference log-probs from cache {path}")
-            return torch.load(path)
+            stored = torch.load(path)
+            # The key is checked, not only the file name: a cache written by another version,
+            # or a digest collision, is recomputed, never reused.
+            if isinstance(stored, dict) and json.dumps(stored.get("key"), sort_keys=True, default=str) == json.dumps(
+                key, sort_keys=True, default=str
+            ):
+                log.info(f"Reference log-probs from cache {path}")
+                return stored["logps"]
+            log.info(f"Reference cache {path} was written for other settings: recomputing")
         cache: Dict[str, Dict[str, float]] = {}
         loader = DataLoader(
             torch.utils.data.Subset(self.dataset, range(self.rank, len(self.dataset), self.world_size)),
@@ -397,7 +443,7 @@ class POVIDDPORecipe:
         )
         for batch in tqdm(loader, desc="reference log-probs", disable=not self.is_rank_zero):
             batch = self._to_device(batch)
-            with torch.no_grad():
+            with torch.no_grad(), self._mixed_precision():
                 features = self._batch_features(self.model, batch, reference=False)
                 ref = self._reference_logps(batch, features, online_noise=False, use_cache=False)
             kinds_seen: Dict[str, int] = {}
@@ -411,7 +457,7 @@ class POVIDDPORecipe:
             cache = {k: v for part in gathered for k, v in part.items()}
         if self.is_rank_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(cache, path)
+            atomic_torch_save({"key": key, "logps": cache}, path)
             log.info(f"Cached reference log-probs of {len(cache)} records in {path}")
         return cache
 
@@ -425,7 +471,7 @@ class POVIDDPORecipe:
             total=self.total_steps, initial=self.global_step, desc="povid_dpo", disable=not self.is_rank_zero
         )
         self.model.train()
-        while self.global_step < self.total_steps and self.epoch < cfg.epochs:
+        while self.global_step < self.total_steps:  # max_steps may cycle the epochs
             self.sampler.set_epoch(self.epoch)
             self.dataset.set_epoch(self.epoch)
             step_start, tokens_seen, sums = time.perf_counter(), 0, {}
@@ -433,7 +479,8 @@ class POVIDDPORecipe:
                 if index < self.batches_done_in_epoch:
                     continue  # resumed: these batches were consumed before the stop
                 batch = self._to_device(batch)
-                loss = self.loss_fn(self._preference_logprobs(batch)) / accumulation
+                with self._mixed_precision():
+                    loss = self.loss_fn(self._preference_logprobs(batch)) / accumulation
                 self._check_finite(loss, "loss")
                 loss.backward()
                 for key, value in self.loss_fn.metrics.items():
@@ -514,7 +561,7 @@ class POVIDDPORecipe:
             lora=self.lora,
             save_model=bool(cfg.save_merged),
             final=final,
-            dtype=self.dtype,
+            save_dtype=training.get_dtype(cfg.save_dtype, device=self.device) if cfg.get("save_dtype") else None,
             distributed=self.distributed,
             is_rank_zero=self.is_rank_zero,
             lora_rank=cfg.model.get("lora_rank", 8),
