@@ -21,6 +21,7 @@ from torch.distributed.fsdp import fully_shard
 from torchtune.modules.model_fusion import get_fusion_params
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
+from povid_data.distort import noise_seed
 from povid_data.transforms import IGNORE_INDEX
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "link_final",
     "restore_step_checkpoint",
     "vision_param_groups",
+    "online_noise_seed",
 ]
 
 
@@ -458,3 +460,10 @@ def vision_param_groups(model: nn.Module, lr: float, vision_lr_scale: float = 1.
     if tower:
         groups.append({"params": tower, "lr": lr * vision_lr_scale})
     return groups
+
+
+def online_noise_seed(record_id: object, epoch: int, seed: int) -> int:
+    """The seed of a record's online noise in ``epoch``: fresh every epoch, yet the same in every
+    run, batch and resume. ``povid_dpo`` (online noise) and ``povid_audit`` (``noise.source:
+    online``, epoch 0) draw the noisy image from it, so the audit sees what training saw first."""
+    return noise_seed(f"{record_id}@epoch{epoch}", seed)
