@@ -149,8 +149,8 @@ def group_stats(rows: Sequence[Mapping[str, Any]], dispreferred: str) -> Dict[st
         "image_share": share,
         "image_share_note": note,
         "logp": {
-            "chosen": {"image": _mean([r["chosen_image"] for r in rows]), "null": _mean([r["chosen_null"] for r in rows])},
-            d: {"image": _mean([r[f"{d}_image"] for r in rows]), "null": _mean([r[f"{d}_null"] for r in rows])},
+            answer: {condition: _mean([r[f"{answer}_{condition}"] for r in rows]) for condition in ("image", "null")}
+            for answer in ("chosen", d)
         },
     }
 

@@ -30,7 +30,7 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import PIL.Image
 import torch
@@ -261,10 +261,10 @@ class AuditRecipe:
         return chosen_positions, noisy_logits.argmax(-1)
 
     def _rows(self, batch, logps, noise_logps, noise) -> List[Dict[str, Any]]:
+        """The batch's log-probs (per row, per condition) regrouped as one row per pair."""
         counts = answer_token_counts(batch["labels"]).tolist()
-        where: Dict[tuple, int] = {
-            (kind, owner): i for i, (kind, owner) in enumerate(zip(batch["row_kind"], batch["row_example"].tolist()))
-        }
+        owners = batch["row_example"].tolist()
+        where = {(kind, owner): i for i, (kind, owner) in enumerate(zip(batch["row_kind"], owners))}
         rows = []
         for example, rid in enumerate(batch["ids"]):
             record = self.dataset.records[self.dataset_index[rid]]
@@ -297,7 +297,8 @@ class AuditRecipe:
         with ResumableJsonlWriter(rows_path) as writer:
             todo = [i for i in self.selected if str(self.dataset.records[i]["id"]) not in writer.done]
             if len(todo) < len(self.selected):
-                log.info(f"Resuming: {len(self.selected) - len(todo)} of {len(self.selected)} pairs already in {rows_path}")
+                done = len(self.selected) - len(todo)
+                log.info(f"Resuming: {done} of {len(self.selected)} pairs already in {rows_path}")
             loader = DataLoader(
                 Subset(self.dataset, todo),
                 batch_size=int(cfg.batch_size),
