@@ -52,7 +52,7 @@ from povid.training import (
     online_noise_seed,
     row_logits,
 )
-from povid_data.distort import distort_image, noise_coefficients
+from povid_data.distort import OVERFLOW_MODES, distort_image, noise_coefficients
 from povid_data.jsonl import ResumableJsonlWriter, read_records
 from povid_data.preference_dataset import PreferenceDataset, collate_preferences
 from povid_data.records import resolve_image
@@ -136,6 +136,9 @@ class AuditRecipe:
             raise ValueError(f"noise.source must be one of {', '.join(NOISE_SOURCES)}; got {cfg.noise.source!r}")
         if cfg.noise.source == "online":
             noise_coefficients(cfg.noise.step)  # a bad step fails now, not after loading the model
+            if cfg.noise.overflow not in OVERFLOW_MODES:
+                modes = ", ".join(OVERFLOW_MODES)
+                raise ValueError(f"noise.overflow must be one of {modes}; got {cfg.noise.overflow!r}")
         if int(cfg.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
         if cfg.max_records is not None and int(cfg.max_records) < 1:

@@ -252,6 +252,8 @@ def test_bad_records_name_file_record_and_field(tmp_path, tiny_checkpoint, prefe
         _audit(tiny_checkpoint, tmp_path / "nothing.jsonl", tmp_path / "out")
     with pytest.raises(ValueError, match="null_image must be"):
         _audit(tiny_checkpoint, preference_data, tmp_path / "out", "null_image=black")
+    with pytest.raises(ValueError, match="noise.overflow must be"):
+        _audit(tiny_checkpoint, preference_data, tmp_path / "out", "noise.source=online", "noise.overflow=bend")
 
 
 @pytest.mark.parametrize("noise_source", ["dataset", "online"])
