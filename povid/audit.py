@@ -180,7 +180,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], **settings: Any) -> Dict[str, A
 
 
 def _pct(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f} %"
+    # round() then + 0.0: a tiny negative share prints as 0.0 %, not -0.0 %
+    return "n/a" if value is None else f"{round(100 * value, 1) + 0.0:.1f} %"
 
 
 def markdown(summary: Mapping[str, Any]) -> str:
