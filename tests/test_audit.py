@@ -291,3 +291,16 @@ def test_tune_run_prints_the_table(tmp_path, tiny_checkpoint, kinds_data):
     assert "Pair audit: 6 pairs; null image: blank" in result.stdout
     assert "| rejected | object_addition | 2 |" in result.stdout
     assert result.stdout.strip() == (tmp_path / "out" / "audit.md").read_text().strip()
+
+
+def test_config_has_the_documented_overrides():
+    from omegaconf import OmegaConf
+
+    from povid.config import RECIPES, resolve_config
+
+    assert RECIPES["povid_audit"] == ["povid_audit"]
+    cfg = OmegaConf.load(resolve_config("povid_audit"))
+    keys = {"checkpoint_dir", "clip_dir", "data_file", "image_dir", "output_dir", "batch_size", "device", "dtype",
+            "image_mode", "max_seq_len", "null_image", "noise", "seed", "max_records"}  # fmt: skip
+    assert keys <= set(cfg), keys - set(cfg)
+    assert cfg.null_image == "blank" and cfg.noise.source == "dataset"
