@@ -70,6 +70,7 @@ from povid.training import (
     link_final,
     mean_over_ranks,
     mixed_precision,
+    online_noise_seed,
     peak_memory_gb,
     restore_step_checkpoint,
     row_logits,
@@ -247,7 +248,7 @@ class POVIDDPORecipe:
             seed = noise_seed(record_id, self.cfg.noise.stage2_seed)
         else:
             # Online noise is fresh every epoch yet reproducible, so a resumed run sees the same.
-            seed = noise_seed(f"{record_id}@epoch{epoch}", self.cfg.seed)
+            seed = online_noise_seed(record_id, epoch, self.cfg.seed)
         return distort_image(image, step, seed=seed, overflow=overflow)
 
     # ------------------------------------------------------------------------- forward
