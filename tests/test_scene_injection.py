@@ -277,3 +277,30 @@ def test_a_record_that_is_not_a_world_caption_stops_the_run_naming_it(tiny_world
     with pytest.raises(ValueError, match=rf"record id='{records[1]['id']}': the answer is not a caption"):
         _run("povid_hallucinate_world", f"data_file={data}", f"output_dir={tmp_path / 'out'}")
     assert not (tmp_path / "out" / "preferences.jsonl").exists()
+
+
+@pytest.fixture
+def fresh_grammar():
+    from povid_data import synthetic_world
+
+    synthetic_world._caption_grammar.cache_clear()
+    yield synthetic_world
+    synthetic_world._caption_grammar.cache_clear()  # after monkeypatch has put caption() back
+
+
+def test_parser_follows_a_change_of_the_caption_wording(fresh_grammar, monkeypatch):
+    # Another wording and a fourth number word: parse_caption reads the grammar off caption(),
+    # so it needs no change, and the injector's limit follows too.
+    numbers = {1: "one", 2: "two", 3: "three", 4: "four"}
+
+    def reworded(scene):
+        parts = [f"There is a {o.size} {o.colour} {o.kind} at the {o.position}." for o in scene.objects]
+        n = len(scene.objects)
+        return " ".join(parts) + f" In all, {numbers[n]} thing{'s' if n > 1 else ''}."
+
+    monkeypatch.setattr(fresh_grammar, "caption", reworded)
+    assert max_caption_objects() == 4 and SceneInjector().max_objects == 4
+    for scene in _scenes(300, seed=9):
+        assert parse_caption(reworded(scene)) == scene
+    with pytest.raises(CaptionParseError):
+        parse_caption(caption(_scenes(1)[0]))  # the old wording is no longer a caption
