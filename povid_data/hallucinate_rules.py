@@ -660,8 +660,9 @@ class RulesHallucinator:
             if i + 1 < summary_start and _CONTINUES.match(following):
                 continue
             points.append(spans[i][1])
+        # The boundary just before the closing run always qualifies, so ``points`` is never empty.
         named = [p for p in points if any(m.end <= p for m in mentions)]
-        return named or points or [spans[summary_start - 1][1]]
+        return named or points
 
     def _object_swap(self, text: str, rng: random.Random, ground_truth: Set[str]) -> List[Dict[str, Any]]:
         mentions = [

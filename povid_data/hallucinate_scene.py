@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from povid_data.hallucinate_rules import record_rng
 from povid_data.synthetic_world import (
@@ -52,6 +52,11 @@ SCENE_KINDS = ("object_addition", "object_swap", "attribute", "relation")
 # The co-occurrence addition is what POVID's text pairs must teach against, so it dominates; the
 # others keep the pairs from teaching "a longer caption is worse" alone.
 DEFAULT_WEIGHTS: Dict[str, float] = {"object_addition": 0.7, "object_swap": 0.1, "attribute": 0.1, "relation": 0.1}
+
+
+# A possible edit: the object it replaces (None: an addition), the object it puts there, and the
+# edit's extra fields (source, attribute ...).
+_Candidate = Tuple[Optional[WorldObject], WorldObject, Dict[str, str]]
 
 
 def in_caption_order(objects: Sequence[WorldObject]) -> Scene:
@@ -179,7 +184,9 @@ class SceneInjector:
     # Each candidate is (object before or None, object after, extra fields of the edit); the
     # candidate lists enumerate every change of a kind, so one draw picks uniformly among them.
 
-    def _candidates(self, kind: str, objects: List[WorldObject], banned: Set[str], touched: List[WorldObject]):
+    def _candidates(
+        self, kind: str, objects: List[WorldObject], banned: Set[str], touched: List[WorldObject]
+    ) -> List["_Candidate"]:
         free = [p for p in POSITIONS if p not in {o.position for o in objects}]
         present = [o.kind for o in objects]
         editable = [o for o in objects if o not in touched]
@@ -204,11 +211,11 @@ class SceneInjector:
         raise ValueError(f"unknown scene edit kind {kind!r}")
 
     @staticmethod
-    def _absent_companions(present: List[str], banned: Set[str]) -> List[tuple]:
+    def _absent_companions(present: List[str], banned: Set[str]) -> List[Tuple[str, str]]:
         """(present kind, its companion) for every companion neither in the scene nor banned."""
         return [(k, COMPANION[k]) for k in present if COMPANION[k] not in present and COMPANION[k] not in banned]
 
-    def _additions(self, present: List[str], banned: Set[str], free: List[str]) -> List[tuple]:
+    def _additions(self, present: List[str], banned: Set[str], free: List[str]) -> List["_Candidate"]:
         if len(present) >= self.max_objects or not free:
             return []  # the caption could not say the new count, or no quadrant is free
         companions = self._absent_companions(present, banned)

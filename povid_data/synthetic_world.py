@@ -222,15 +222,10 @@ def _all_objects() -> List[WorldObject]:
     return [WorldObject(**dict(zip(names, combo))) for combo in itertools.product(*(values[n] for n in names))]
 
 
-def _distinct_objects(n: int, offset: int = 0) -> List[WorldObject]:
-    """``n`` objects of distinct kinds and positions (a scene the world can hold), varied by
-    ``offset`` so that different calls give different attributes."""
+def _distinct_objects(n: int) -> List[WorldObject]:
+    """``n`` objects of distinct kinds and positions (a scene the world can hold)."""
     colours, sizes = tuple(COLOURS), tuple(SIZES)
-    return [
-        WorldObject(KINDS[(i + offset) % len(KINDS)], colours[(i + offset) % len(colours)],
-                    sizes[(i + offset) % len(sizes)], POSITIONS[(i + offset) % len(POSITIONS)])
-        for i in range(n)
-    ]  # fmt: skip
+    return [WorldObject(KINDS[i], colours[i % len(colours)], sizes[i % len(sizes)], POSITIONS[i]) for i in range(n)]
 
 
 def max_caption_objects() -> int:

@@ -40,6 +40,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -314,9 +315,9 @@ class HallucinateRecipe:
         return Outcome("ok", text=rewrite.text, attempts=1, meta=meta)
 
     def _world_outcome(self, record: Dict[str, Any], answer: str) -> Outcome:
-        context = " ".join(_turn_text(t) for t in record[CHOSEN][:-1]).lower()
+        context = " ".join(_turn_text(t) for t in record[CHOSEN][:-1])
         # Kinds an earlier turn names (a question about a donut) are never injected either.
-        named = {kind for kind in WORLD_KINDS if kind in context}
+        named = {kind for kind in WORLD_KINDS if re.search(rf"\b{re.escape(kind)}s?\b", context, re.IGNORECASE)}
         rewrite = self.injector.rewrite(str(record["id"]), self.scenes[str(record["id"])], named)
         meta = {"model": WORLD_MODEL, "kinds": rewrite.kinds, "edits": rewrite.edits}
         if not rewrite.edits:
