@@ -28,7 +28,6 @@ Choices are seeded by ``(seed, record id)``, independent of record order.
 
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
