@@ -36,7 +36,7 @@ RECIPES: dict[str, list[str]] = {
     "povid_eval": ["eval_chair_coco", "eval_pope_coco"],
     "povid_distort": ["povid_distort"],
     "povid_audit": ["povid_audit"],
-    "povid_hallucinate": ["povid_hallucinate_openai", "povid_hallucinate_rules"],
+    "povid_hallucinate": ["povid_hallucinate_openai", "povid_hallucinate_rules", "povid_hallucinate_world"],
     "povid_dpo": [
         "povid_tiny_lora", "povid_tiny_qlora", "povid_tiny_full",
         "povid_7b_lora", "povid_7b_qlora", "povid_7b_full", "povid_13b_lora",

@@ -49,12 +49,14 @@ _NOISE = ("Skipping import of cpp extensions", "pytorch/ao/issues/2919")
 
 
 def world_stage1_overrides() -> List[str]:
-    """``povid_hallucinate`` (``rules``) overrides for the world: inject only the world's own
-    objects and colours, and write an added object in the caption's grammar, as a stage-1 model
-    asked for plausible hallucinations would (COCO's sandwiches and "next to the" sentences are
-    words the base never says, so they would teach it nothing about images)."""
-    templates = ",".join("'" + t + "'" for t in addition_templates())
-    return ["rules.only_seen=true", f"rules.addition_templates=[{templates}]"]
+    """``povid_hallucinate`` overrides for the world: the scene-level injector (backend
+    ``world``, :mod:`povid_data.hallucinate_scene`, its defaults = config
+    ``povid_hallucinate_world``). It reads each caption back into its scene, changes the scene
+    (mostly a companion added) and captions it again, so a rewrite is a fluent, count-consistent
+    description of another scene, as a capable stage-1 model writes one: only the image tells
+    it from the ground truth. (The ``rules`` edits on these captions broke their grammar, and the
+    pairs could be told apart without the image.)"""
+    return ["backend=world"]
 
 
 @dataclass

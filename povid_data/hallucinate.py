@@ -1,7 +1,8 @@
 """Stage 1 of POVID, shared parts: checking a hallucinated rewrite and writing the records.
 
-Both backends of recipe ``povid_hallucinate`` (``openai``: an AI model rewrites the answer;
-``rules``: offline edits, :mod:`povid_data.hallucinate_rules`) hand back a :class:`Outcome`.
+The backends of recipe ``povid_hallucinate`` (``openai``: an AI model rewrites the answer;
+``rules``: offline edits, :mod:`povid_data.hallucinate_rules`; ``world``: the synthetic world's
+scene-level injector, :mod:`povid_data.hallucinate_scene`) hand back a :class:`Outcome`.
 This module decides whether a rewrite is usable (:func:`check_rewrite`) and turns an outcome
 into an output line: the input record unchanged plus ``rejected_conversations`` and
 ``povid_meta.stage1`` (:func:`preference_record`), or a line of the rejects file

@@ -1,13 +1,20 @@
 """Offline hallucination injection by rules (backend ``rules`` of ``povid_hallucinate``).
 
 No network, no model: a ground-truth answer is edited in place so that it states things the
-image does not show, the three kinds POVID asks an AI model for:
+image does not show, the three kinds POVID asks an AI model for. A rewrite makes one change, or
+two (``max_edits``, ``extra_edit_rate``; kinds drawn by ``weights`` among those the answer
+allows), and reads as a true description of some other scene:
 
 - object co-occurrence: an object that often appears with the answer's objects (counted over
   the input data, :class:`CooccurrenceTable`) is added in a new sentence (``object_addition``)
   or replaces a mentioned object (``object_swap``); injected objects are always absent from the
-  record's ground truth;
-- attributes: a colour or size word is changed (``attribute``), a count is changed (``count``);
+  record's ground truth. The new sentence goes where a sentence about an object may go: at a
+  sentence boundary after an object is named, never between an object's sentence and one that
+  continues it ("It is red."), and before a closing summary or total-count sentence, whose count
+  is raised by one;
+- attributes: a colour or size word is changed (``attribute``); the number word of a counted
+  object is changed (``count``: "two cars" -> "three cars", the noun stays plural), and a
+  sentence that states a total count follows it;
 - logical relationships: a position/relation phrase is flipped (``relation``: left/right,
   above/below, in front of/behind ...), and for reasoning answers a connective or hedge is
   inverted (``reasoning``: because -> even though, likely -> unlikely ...).
@@ -44,9 +51,17 @@ __all__ = [
     "Rewrite",
     "record_rng",
     "apply_edits",
+    "DEFAULT_WEIGHTS",
+    "total_count_edits",
 ]
 
 KINDS = ("object_addition", "object_swap", "attribute", "count", "relation", "reasoning")
+
+# How often each kind is drawn for a rewrite (among those the answer allows): the co-occurring
+# object is the hallucination POVID targets, so it is the most common change.
+DEFAULT_WEIGHTS: Dict[str, float] = {
+    "object_addition": 0.4, "object_swap": 0.2, "attribute": 0.1, "count": 0.1, "relation": 0.1, "reasoning": 0.1,
+}  # fmt: skip
 
 # Sentences that add an object. {object}/{Object}: the object with its article ("a cup");
 # {anchor}: an object the answer mentions ("bus"). Templates needing an anchor are skipped when
@@ -362,6 +377,80 @@ _RELATION_RE = re.compile(
 _REASONING_RE = _word_pattern(_REASONING)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
+_TOTAL_NUMBERS = ["one", *_NUMBER_WORDS]  # a total may be one ("There is one object in total")
+# A total count: "(There are) two objects/items/things ... in total/altogether/in all", or "a
+# total of five objects". Only generic nouns: a total of "people" is not raised by an added cup.
+_TOTAL_RE = re.compile(
+    r"(?:\b(there (?:is|are)) )?\b(" + "|".join(_TOTAL_NUMBERS) + r"|\d+) (objects?|items?|things?)\b"
+    r"(?=[^.!?]*\b(?:in total|altogether|in all)\b)"
+    r"|\ba total of (" + "|".join(_TOTAL_NUMBERS) + r"|\d+) (objects?|items?|things?)\b",
+    re.IGNORECASE,
+)
+# Sentences that close a description: a new object goes before them.
+_SUMMARY_START = re.compile(
+    r"^(?:overall|in summary|in total|all in all|altogether|in conclusion|to sum up|in short|"
+    r"the (?:overall|whole) (?:scene|image|picture|setting|atmosphere))\b",
+    re.IGNORECASE,
+)
+# Sentences that continue the previous one's subject ("It is large and red."): never separated
+# from it.
+_CONTINUES = re.compile(
+    r"^(?:it|its|it's|they|their|theirs|them|he|his|him|she|her|this|these|that|those|both|each|"
+    r"either|neither|another|also|the latter|the former|one of them)\b",
+    re.IGNORECASE,
+)
+
+
+def _sentences(text: str) -> List[Tuple[int, int]]:
+    """(start, end) of each sentence, the end after its punctuation (or at the text's end)."""
+    spans, start = [], 0
+    stripped_end = len(text.rstrip())
+    for m in _SENTENCE_END.finditer(text):
+        if m.end() > stripped_end:
+            break
+        spans.append((start, m.end()))
+        start = m.end()
+    if text[start:stripped_end].strip():
+        spans.append((start, stripped_end))
+    # Starts without the whitespace before them.
+    return [(s + len(text[s:e]) - len(text[s:e].lstrip()), e) for s, e in spans]
+
+
+def _is_summary(sentence: str) -> bool:
+    return bool(_SUMMARY_START.match(sentence) or _TOTAL_RE.search(sentence))
+
+
+def _number_value(word: str) -> int:
+    return int(word) if word.isdigit() else _TOTAL_NUMBERS.index(word.lower()) + 1
+
+
+def _number_word(n: int, like: str) -> str:
+    """``n`` written as ``like`` is: digits, or a word (digits past twelve), in its case."""
+    if like.isdigit() or n > len(_TOTAL_NUMBERS):
+        return str(n)
+    return _match_case(like, _TOTAL_NUMBERS[n - 1])
+
+
+def total_count_edits(text: str, delta: int, kind: str) -> List[Dict[str, Any]]:
+    """Edits that change every total-count statement of ``text`` by ``delta`` objects ("There
+    are two objects in total." -> "There are three objects in total."), verb and plural
+    following the number; reported as ``kind`` with ``role: "total_count"``."""
+    edits: List[Dict[str, Any]] = []
+    shift = 0
+    for m in list(_TOTAL_RE.finditer(text)):
+        verb, number, noun = (m.group(1), m.group(2), m.group(3)) if m.group(2) else (None, m.group(4), m.group(5))
+        new_n = _number_value(number) + delta
+        if new_n < 1:
+            continue
+        singular = noun.lower().rstrip("s")
+        new = _number_word(new_n, number) + " " + (singular if new_n == 1 else singular + "s")
+        if verb:
+            new = _match_case(verb, f"there {'is' if new_n == 1 else 'are'}") + " " + new
+        old = m.group(0)
+        edits.append({"kind": kind, "role": "total_count", "offset": m.start() + shift, "from": old, "to": new})
+        shift += len(new) - len(old)
+    return edits
+
 
 @dataclass
 class Rewrite:
@@ -384,8 +473,11 @@ class RulesHallucinator:
         seed: with the record id, seeds every random choice.
         kinds: which edit kinds to try (see :data:`KINDS`); each is applied at most once per
             record, where the answer gives it something to change.
-        max_edits: cap on the number of kinds applied per record (a seeded sample of the kinds
-            that apply); None = all that apply.
+        max_edits: at most this many changes (kinds) per record, each a seeded draw by
+            ``weights`` among the kinds the answer allows; None = every kind that applies (the
+            behaviour before ``povid-rules-2``).
+        extra_edit_rate: probability of each change after the first, up to ``max_edits``.
+        weights: relative weight of each kind of ``kinds`` (:data:`DEFAULT_WEIGHTS`).
         top_companions: objects to add or swap in are drawn among this many most frequent
             companions, weighted by co-occurrence count.
         addition_templates: sentences for ``object_addition``.
@@ -405,7 +497,9 @@ class RulesHallucinator:
         *,
         seed: int = 0,
         kinds: Sequence[str] = KINDS,
-        max_edits: Optional[int] = None,
+        max_edits: Optional[int] = 2,
+        extra_edit_rate: float = 0.3,
+        weights: Optional[Dict[str, float]] = None,
         top_companions: int = 5,
         addition_templates: Sequence[str] = tuple(DEFAULT_ADDITION_TEMPLATES),
         vocabulary: Optional[ObjectVocabulary] = None,
@@ -416,6 +510,14 @@ class RulesHallucinator:
             raise ValueError(f"unknown rules kinds {sorted(unknown)}; known: {list(KINDS)}")
         if not addition_templates and "object_addition" in kinds:
             raise ValueError("object_addition needs at least one addition template")
+        weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+        missing = [k for k in kinds if k not in weights]
+        if missing or any(w < 0 for w in weights.values()):
+            raise ValueError(f"rules weights: every kind needs a weight >= 0; missing {missing}, got {weights}")
+        if max_edits is not None and max_edits < 1:
+            raise ValueError(f"max_edits must be at least 1 (or None), got {max_edits}")
+        self.weights = weights
+        self.extra_edit_rate = extra_edit_rate
         self.table = table
         self.seed = seed
         self.kinds = list(kinds)
@@ -439,10 +541,10 @@ class RulesHallucinator:
         ground_truth = self.vocabulary.categories(answer + "\n" + context)
         chosen = [k for k in self.APPLY_ORDER if k in self.kinds]
         if self.max_edits is not None:
-            # Sample among the kinds that have something to change, so the cap is not wasted.
+            # Draw among the kinds that have something to change, so no draw is wasted.
             probe = random.Random(0)
-            applicable = [k for k in chosen if self._edits(k, answer, probe, ground_truth)]
-            keep = set(rng.sample(applicable, min(self.max_edits, len(applicable))))
+            applicable = [k for k in chosen if self.weights[k] > 0 and self._edits(k, answer, probe, ground_truth)]
+            keep = self._draw_kinds(applicable, rng)
             chosen = [k for k in chosen if k in keep]
         text, edits = answer, []
         for kind in chosen:
@@ -450,6 +552,19 @@ class RulesHallucinator:
                 text = apply_edits(text, [edit])
                 edits.append(edit)
         return Rewrite(text, edits)
+
+    def _draw_kinds(self, applicable: List[str], rng: random.Random) -> Set[str]:
+        """One kind, then another with probability ``extra_edit_rate`` (up to ``max_edits``),
+        each drawn by weight among the applicable kinds not drawn yet."""
+        drawn: List[str] = []
+        left = [k for k in KINDS if k in applicable]  # a fixed order: draws never depend on hashing
+        while left and len(drawn) < self.max_edits:
+            if drawn and rng.random() >= self.extra_edit_rate:
+                break
+            kind = rng.choices(left, weights=[self.weights[k] for k in left])[0]
+            drawn.append(kind)
+            left.remove(kind)
+        return set(drawn)
 
     def _edits(self, kind: str, text: str, rng: random.Random, ground_truth: Set[str]) -> List[Dict[str, Any]]:
         """The edits of one kind for ``text`` (each offset relative to the text after the
@@ -507,7 +622,9 @@ class RulesHallucinator:
         if picked is None:
             return []
         category, source = picked
-        anchors = [m for m in mentions if self.vocabulary.swappable(m) and not m.plural]
+        at = rng.choice(self._insertion_points(text, mentions))
+        # An anchor ("next to the bus") is an object already named before the new sentence.
+        anchors = [m for m in mentions if self.vocabulary.swappable(m) and not m.plural and m.end <= at]
         templates = [t for t in self.addition_templates if "{anchor}" not in t or anchors]
         if not templates:
             return []
@@ -515,20 +632,37 @@ class RulesHallucinator:
         obj = _with_article(self.vocabulary.noun(category))
         anchor = " ".join(rng.choice(anchors).surface.lower().split()) if anchors else ""
         sentence = template.format(object=obj, Object=obj[0].upper() + obj[1:], anchor=anchor)
-        # Insert after a sentence end, or at the very end of the answer.
-        stripped_end = len(text.rstrip())
-        ends = [m.end() for m in _SENTENCE_END.finditer(text) if m.end() <= stripped_end]
-        if not ends or ends[-1] != stripped_end:
-            ends.append(stripped_end)
-        at = rng.choice(ends)
         if at == 0:
-            insertion = sentence
+            insertion = sentence + " "
         elif text[at - 1] in ".!?":
             insertion = " " + sentence
         else:  # the answer ends without punctuation: close its sentence first
             insertion = ". " + sentence
-        return [{"kind": "object_addition", "offset": at, "from": "", "to": insertion,
-                 "object": category, "source": source}]
+        edits = [{"kind": "object_addition", "offset": at, "from": "", "to": insertion,
+                  "object": category, "source": source}]  # fmt: skip
+        # One more object: a stated total follows.
+        return edits + total_count_edits(apply_edits(text, edits), +1, "object_addition")
+
+    @staticmethod
+    def _insertion_points(text: str, mentions: Sequence[Mention]) -> List[int]:
+        """Where a new sentence about an object may go: after a sentence, not before one that
+        continues it ("It is red."), not after a closing summary or total-count sentence; after
+        an object has been named where the answer allows (an added "also" object needs one)."""
+        spans = _sentences(text)
+        if not spans:
+            return [0]
+        summary_start = len(spans)
+        while summary_start > 1 and _is_summary(text[slice(*spans[summary_start - 1])]):
+            summary_start -= 1  # the closing run of summary sentences (never the whole answer)
+        points = []
+        for i in range(summary_start):
+            following = text[slice(*spans[i + 1])] if i + 1 < len(spans) else ""
+            if i + 1 < summary_start and _CONTINUES.match(following):
+                continue
+            points.append(spans[i][1])
+        # The boundary just before the closing run always qualifies, so ``points`` is never empty.
+        named = [p for p in points if any(m.end <= p for m in mentions)]
+        return named or points
 
     def _object_swap(self, text: str, rng: random.Random, ground_truth: Set[str]) -> List[Dict[str, Any]]:
         mentions = [
@@ -590,16 +724,22 @@ class RulesHallucinator:
                  "to": _match_case(match.group(1), new)}]
 
     def _count(self, text: str, rng: random.Random) -> List[Dict[str, Any]]:
-        matches = list(_COUNT_RE.finditer(text))
+        # Only the count of an object ("two cars", "3 green bottles"): the number is followed,
+        # within two words, by a plural object noun, which then stays true of the new number.
+        plural_starts = {m.start for m in self.vocabulary.mentions(text) if m.plural}
+        matches = [
+            m for m in _COUNT_RE.finditer(text)
+            if any(re.fullmatch(r"\s+(?:[A-Za-z-]+\s+){0,2}", text[m.end(1) : s]) for s in plural_starts if s > m.end(1))
+        ]  # fmt: skip
         if not matches:
             return []
         match = rng.choice(matches)
         old = match.group(1)
-        n = int(old) if old.isdigit() else _NUMBER_WORDS.index(old.lower()) + 2
+        n = _number_value(old)
         # Stay at two or more so the noun's plural still agrees.
         new_n = rng.choice([k for k in (n - 1, n + 1, n + 2) if k >= 2])
-        new = str(new_n) if old.isdigit() or new_n > 12 else _NUMBER_WORDS[new_n - 2]
-        return [{"kind": "count", "offset": match.start(1), "from": old, "to": _match_case(old, new)}]
+        edits = [{"kind": "count", "offset": match.start(1), "from": old, "to": _number_word(new_n, old)}]
+        return edits + total_count_edits(apply_edits(text, edits), new_n - n, "count")
 
     # ---- logical relationships --------------------------------------------------------------
 

@@ -35,11 +35,14 @@ distribution for preference tuning), ``test`` (held out, balanced: the headline 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import random
+import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -60,6 +63,10 @@ __all__ = [
     "WorldConfig",
     "sample_scene",
     "caption",
+    "CaptionParseError",
+    "parse_caption",
+    "max_caption_objects",
+    "scene_problems",
     "render",
     "make_world",
     "addition_templates",
@@ -193,6 +200,172 @@ def caption(scene: Scene) -> str:
     n = len(scene.objects)
     sentences.append("There is one object in total." if n == 1 else f"There are {_NUMBERS[n]} objects in total.")
     return " ".join(sentences)
+
+
+class CaptionParseError(ValueError):
+    """A text that is not a caption :func:`caption` writes for any scene."""
+
+
+def _object_values() -> Dict[str, Tuple[str, ...]]:
+    """Every value each field of :class:`WorldObject` can take, from the world's constants."""
+    values = {"kind": KINDS, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": POSITIONS}
+    unknown = [f.name for f in fields(WorldObject) if f.name not in values]
+    if unknown:
+        # A new object field needs its value list here before captions can be read back.
+        raise NotImplementedError(f"parse_caption: no list of values for WorldObject field(s) {unknown}")
+    return values
+
+
+def _all_objects() -> List[WorldObject]:
+    values = _object_values()
+    names = [f.name for f in fields(WorldObject)]
+    return [WorldObject(**dict(zip(names, combo))) for combo in itertools.product(*(values[n] for n in names))]
+
+
+def _distinct_objects(n: int) -> List[WorldObject]:
+    """``n`` objects of distinct kinds and positions (a scene the world can hold)."""
+    colours, sizes = tuple(COLOURS), tuple(SIZES)
+    return [WorldObject(KINDS[i], colours[i % len(colours)], sizes[i % len(sizes)], POSITIONS[i]) for i in range(n)]
+
+
+def max_caption_objects() -> int:
+    """The most objects a scene may hold so that :func:`caption` can describe it (it names the
+    count in words) and each has its own kind and quadrant."""
+    limit = 0
+    for n in range(1, min(len(KINDS), len(POSITIONS)) + 1):
+        try:
+            caption(Scene(_distinct_objects(n)))
+        except (KeyError, IndexError, ValueError):
+            break
+        limit = n
+    return limit
+
+
+def _common_suffix(texts: Sequence[str]) -> str:
+    first = texts[0]
+    size = 0
+    while size < len(first) and all(len(t) > size and t[-1 - size] == first[-1 - size] for t in texts):
+        size += 1
+    return first[len(first) - size :]
+
+
+@dataclass(frozen=True)
+class _CaptionGrammar:
+    """The pieces :func:`caption` assembles, read off :func:`caption` itself, so the parser
+    follows any change of its wording: ``caption(objects) == joiner.join(text of each object)
+    + closing[len(objects)]``."""
+
+    object_text: Dict[WorldObject, str]
+    joiner: str
+    closing: Dict[int, str]
+    patterns: Dict[int, "re.Pattern[str]"]
+
+    def compose(self, objects: Sequence[WorldObject]) -> str:
+        return self.joiner.join(self.object_text[o] for o in objects) + self.closing[len(objects)]
+
+
+@functools.lru_cache(maxsize=1)
+def _caption_grammar() -> _CaptionGrammar:
+    """Decompose :func:`caption` into per-object texts, the text between two objects and the
+    closing (count) text for each number of objects, then check that decomposition on many
+    scenes.
+
+    Raises:
+        RuntimeError: :func:`caption` no longer describes a scene object by object followed by a
+            text that depends only on the count (``parse_caption`` then needs rewriting).
+    """
+    singles = _all_objects()
+    one_object = {o: caption(Scene([o])) for o in singles}
+    closing = {1: _common_suffix(list(one_object.values()))}
+    object_text = {o: text[: len(text) - len(closing[1])] for o, text in one_object.items()}
+    if len(set(object_text.values())) != len(object_text):
+        raise RuntimeError("caption(): two different objects have the same description; captions are ambiguous")
+    limit = max_caption_objects()
+    joiner = ""
+    for n in range(2, limit + 1):
+        objects = _distinct_objects(n)
+        text = caption(Scene(objects))
+        first, last = object_text[objects[0]], object_text[objects[-1]]
+        if not text.startswith(first):
+            raise RuntimeError("caption() does not start with its first object's description")
+        if n == 2:
+            rest = text[len(first) :]
+            at = rest.find(last)
+            if at < 0:
+                raise RuntimeError("caption() does not describe its second object as it describes it alone")
+            joiner = rest[:at]
+        body = joiner.join(object_text[o] for o in objects)
+        if not text.startswith(body):
+            raise RuntimeError("caption() does not join its objects' descriptions with one text")
+        closing[n] = text[len(body) :]
+    alternatives = "|".join(re.escape(t) for t in sorted(set(object_text.values()), key=len, reverse=True))
+    patterns = {
+        n: re.compile("(" + alternatives + ")" + ("" if n == 1 else (re.escape(joiner) + "(" + alternatives + ")") * (n - 1))
+                      + re.escape(closing[n]))
+        for n in closing
+    }  # fmt: skip
+    grammar = _CaptionGrammar(object_text, joiner, closing, patterns)
+    check = random.Random(0)
+    for _ in range(200):  # the decomposition must rebuild caption() exactly, for any scene
+        n = check.randint(1, limit)
+        objects = [WorldObject(k, check.choice(tuple(COLOURS)), check.choice(tuple(SIZES)), p)
+                   for k, p in zip(check.sample(KINDS, n), check.sample(POSITIONS, n))]  # fmt: skip
+        if grammar.compose(objects) != caption(Scene(objects)):
+            raise RuntimeError("caption() is not object by object plus a closing text that depends on the count")
+    return grammar
+
+
+def parse_caption(text: str) -> Scene:
+    """The scene whose :func:`caption` is ``text`` (the inverse of :func:`caption`): objects in
+    the order the text names them.
+
+    The grammar is read off :func:`caption` and the world's constants, not written out again,
+    so a change of the caption's wording needs no change here. A grammatical caption of a scene
+    the world would not draw (two objects in one quadrant, say) parses; :func:`scene_problems`
+    tells those apart.
+
+    Raises:
+        CaptionParseError: ``text`` is not a caption of any scene; the message says where it
+            stops being one.
+    """
+    grammar = _caption_grammar()
+    by_text = {t: o for o, t in grammar.object_text.items()}
+    stripped = text.strip()
+    for n, pattern in grammar.patterns.items():
+        match = pattern.fullmatch(stripped)
+        if match:
+            scene = Scene([by_text[g] for g in match.groups()])
+            if caption(scene) != stripped:  # the decomposition is checked, this is cheap insurance
+                break
+            return scene
+    # Say how far the text reads as a caption: the longest run of object descriptions.
+    position, read = 0, 0
+    while True:
+        following = next((t for t in sorted(by_text, key=len, reverse=True)
+                          if stripped.startswith((grammar.joiner if read else "") + t, position)), None)  # fmt: skip
+        if following is None:
+            break
+        position += len(following) + (len(grammar.joiner) if read else 0)
+        read += 1
+    closings = [c for c in grammar.closing.values() if stripped.endswith(c)]
+    reason = (f"after {read} object description(s) comes {stripped[position:position + 60]!r}"
+              if not closings or position < len(stripped) - len(closings[0]) else "the object count is wrong")  # fmt: skip
+    raise CaptionParseError(f"not a caption of the synthetic world: {reason}")
+
+
+def scene_problems(scene: Scene) -> List[str]:
+    """Why the world would never draw ``scene`` (empty list: it could be a ground truth): too
+    many objects, a kind twice, two objects in one quadrant, objects out of caption order."""
+    problems = []
+    if not 1 <= len(scene.objects) <= max_caption_objects():
+        problems.append(f"{len(scene.objects)} objects (the world draws 1 to {max_caption_objects()})")
+    if len(set(scene.kinds)) != len(scene.kinds):
+        problems.append("a kind appears twice")
+    if len({o.position for o in scene.objects}) != len(scene.objects):
+        problems.append("two objects share a quadrant")
+    if scene.kinds != sorted(scene.kinds, key=KINDS.index):
+        problems.append("objects are not in caption order")
+    return problems
 
 
 # ----------------------------------------------------------------------------- drawing

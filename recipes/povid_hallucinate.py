@@ -10,8 +10,13 @@ POVID's preferred answer, the rewrite the dispreferred one. Two backends:
   as a data URL. Async requests under a concurrency limit, our own retries (backoff with
   jitter, ``Retry-After`` honoured), a request budget, every answer validated.
 - ``rules`` (config ``povid_hallucinate_rules``): offline and deterministic given ``seed``:
-  object additions and swaps from a co-occurrence table built from the input data, attribute,
-  count, position and reasoning-word changes, each reported.
+  one or two changes per answer (an object added at a sentence boundary or swapped in, from a
+  co-occurrence table built from the input data; an attribute, count, position or reasoning
+  word changed), counts kept consistent, each change reported.
+- ``world`` (config ``povid_hallucinate_world``): the synthetic world's scene-level injector
+  (:mod:`povid_data.hallucinate_scene`): the ground-truth caption is read back into its scene,
+  the scene changed (a companion added or swapped in, a colour, size or position changed) and
+  captioned again in the world's grammar.
 
 Output: ``${output_dir}/preferences.jsonl``, one line per record: the input record unchanged
 plus ``rejected_conversations`` and ``povid_meta.stage1`` (backend, model, seed, kinds, edits,
@@ -25,6 +30,7 @@ Run::
     tune run povid_hallucinate --config povid_hallucinate_openai \\
         data_file=detail_23k.json image_dir=coco/train2014 output_dir=out/stage1
     tune run povid_hallucinate --config povid_hallucinate_rules data_file=... output_dir=...
+    tune run povid_hallucinate --config povid_hallucinate_world data_file=world/pref.json output_dir=...
 
 ``dry_run=true`` prints the first requests (or rewrites) and sends nothing. The exit status is 1
 when the run stopped before every record was done (budget spent, endpoint failing).
@@ -34,6 +40,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -63,11 +70,18 @@ from povid_data.hallucinate_openai import (
     RetryPolicy,
 )
 from povid_data.hallucinate_rules import CooccurrenceTable, ObjectVocabulary, RulesHallucinator
+from povid_data.hallucinate_scene import DEFAULT_WEIGHTS, SceneInjector
 from povid_data.jsonl import ResumableJsonlWriter
 from povid_data.records import CHOSEN, question_and_answer, read_llava_records, resolve_image
+from povid_data.synthetic_world import KINDS as WORLD_KINDS
+from povid_data.synthetic_world import CaptionParseError, parse_caption
 
-# Names the rules backend in povid_meta; bump when the rules change what they produce.
-RULES_MODEL = "povid-rules-1"
+# Name the offline backends in povid_meta; bump when they change what they produce
+# (povid-rules-2: one or two changes at sentence boundaries, counts kept consistent).
+RULES_MODEL = "povid-rules-2"
+WORLD_MODEL = "povid-world-scene-1"
+OFFLINE_MODELS = {"rules": RULES_MODEL, "world": WORLD_MODEL}
+BACKENDS = ("openai", "rules", "world")
 
 
 def _turn_text(turn: Dict[str, Any]) -> str:
@@ -91,8 +105,8 @@ class HallucinateRecipe:
     """Reads the records, builds the backend, rewrites every pending record, writes results."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        if cfg.backend not in ("openai", "rules"):
-            raise ValueError(f"backend must be 'openai' or 'rules', got {cfg.backend!r}")
+        if cfg.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {cfg.backend!r}")
         self.cfg = cfg
         self.backend = cfg.backend
         self.summary = Summary()
@@ -127,13 +141,39 @@ class HallucinateRecipe:
                 seed=cfg.seed,
                 kinds=list(cfg.rules.kinds),
                 max_edits=cfg.rules.max_edits,
+                extra_edit_rate=cfg.rules.get("extra_edit_rate", 0.3),
+                weights=_plain(cfg.rules.get("weights")),
                 top_companions=cfg.rules.top_companions,
                 addition_templates=list(cfg.rules.addition_templates),
                 vocabulary=vocabulary,
                 only_seen=cfg.rules.get("only_seen", False),
             )
+        elif self.backend == "world":
+            self._setup_world()
         else:
             self._setup_openai()
+
+    def _setup_world(self) -> None:
+        # Code defaults for keys the config leaves out, so `backend=world` works from any of
+        # the recipe's configs (the demo passes it to povid_hallucinate_rules).
+        world = _plain(self.cfg.get("world")) or {}
+        self.injector = SceneInjector(
+            seed=self.cfg.seed,
+            weights=world.get("weights", DEFAULT_WEIGHTS),
+            max_edits=world.get("max_edits", 2),
+            extra_edit_rate=world.get("extra_edit_rate", 0.25),
+            addition_fallback=world.get("addition_fallback", True),
+        )
+        # Every answer is read back into its scene now: a file that is not the world's stops
+        # the run before anything is written, naming the record.
+        self.scenes = {}
+        for record in self.records:
+            _, answer = question_and_answer(record)
+            try:
+                self.scenes[str(record["id"])] = parse_caption(answer)
+            except CaptionParseError as err:
+                raise ValueError(f"{self.source}: record id={record['id']!r}: the answer is {err} "
+                                 f"(backend world reads synthetic-world captions only)") from None  # fmt: skip
 
     def _setup_openai(self) -> None:
         cfg, client = self.cfg, self.cfg.client
@@ -254,6 +294,8 @@ class HallucinateRecipe:
         question, answer = question_and_answer(record)
         if self.backend == "rules":
             return self._rules_outcome(record, answer)
+        if self.backend == "world":
+            return self._world_outcome(record, answer)
         outcome = await self.hallucinator.rewrite(question, answer, self.images.get(str(record["id"])))
         if outcome.status == "stopped":
             self.summary.stop_reason = outcome.reason
@@ -272,10 +314,23 @@ class HallucinateRecipe:
             return Outcome("rejected", reason=reason, detail=rewrite.text[:300], attempts=1, meta=meta)
         return Outcome("ok", text=rewrite.text, attempts=1, meta=meta)
 
+    def _world_outcome(self, record: Dict[str, Any], answer: str) -> Outcome:
+        context = " ".join(_turn_text(t) for t in record[CHOSEN][:-1])
+        # Kinds an earlier turn names (a question about a donut) are never injected either.
+        named = {kind for kind in WORLD_KINDS if re.search(rf"\b{re.escape(kind)}s?\b", context, re.IGNORECASE)}
+        rewrite = self.injector.rewrite(str(record["id"]), self.scenes[str(record["id"])], named)
+        meta = {"model": WORLD_MODEL, "kinds": rewrite.kinds, "edits": rewrite.edits}
+        if not rewrite.edits:
+            return Outcome("rejected", reason="no_applicable_edit", attempts=1, meta=meta)
+        reason = check_rewrite(answer, rewrite.text, self.validation)
+        if reason:
+            return Outcome("rejected", reason=reason, detail=rewrite.text[:300], attempts=1, meta=meta)
+        return Outcome("ok", text=rewrite.text, attempts=1, meta=meta)
+
     def _stage_meta(self, outcome: Outcome) -> Dict[str, Any]:
         meta: Dict[str, Any] = {
             "backend": self.backend,
-            "model": outcome.meta.get("model", RULES_MODEL if self.backend == "rules" else self.cfg.client.model),
+            "model": outcome.meta.get("model", OFFLINE_MODELS.get(self.backend) or self.cfg.client.model),
             "seed": self.cfg.seed,
             "kinds": outcome.meta.get("kinds"),
         }
@@ -336,8 +391,8 @@ class HallucinateRecipe:
         first = self.records[: self.cfg.dry_run_count]
         for record in first:
             question, answer = question_and_answer(record)
-            if self.backend == "rules":
-                outcome = self._rules_outcome(record, answer)
+            if self.backend in OFFLINE_MODELS:
+                outcome = self._rules_outcome(record, answer) if self.backend == "rules" else self._world_outcome(record, answer)
                 shown: Dict[str, Any] = {"id": record["id"], "status": outcome.status, "reason": outcome.reason,
                                          "rewrite": outcome.text, "edits": outcome.meta.get("edits")}
             else:
@@ -359,6 +414,11 @@ class HallucinateRecipe:
                 writer.close()
 
 
+def _plain(node: Any) -> Any:
+    """A config node as plain Python (None stays None)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
 def _shorten_data_urls(value: Any) -> Any:
     """A copy of a request with base64 image payloads cut to a readable length."""
     if isinstance(value, dict):
@@ -372,7 +432,7 @@ def _shorten_data_urls(value: Any) -> Any:
 
 @parse
 def main(cfg: DictConfig) -> int:
-    """Entry point for ``tune run povid_hallucinate --config povid_hallucinate_openai|rules``."""
+    """Entry point for ``tune run povid_hallucinate --config povid_hallucinate_openai|rules|world``."""
     recipe = HallucinateRecipe(cfg)
     recipe.setup()
     try:

@@ -4,6 +4,7 @@ truth, results are deterministic and resumable, and the recipe writes POVID's re
 import json
 import random
 import re
+from collections import Counter
 
 import pytest
 
@@ -128,7 +129,8 @@ def test_rules_change_only_what_they_report(table, seed):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_injected_objects_are_absent_from_ground_truth(table, vocabulary, seed):
-    hallucinator = RulesHallucinator(table, seed=seed)
+    # Both object kinds on every record that allows them, so every record is checked.
+    hallucinator = RulesHallucinator(table, seed=seed, kinds=["object_addition", "object_swap"], extra_edit_rate=1.0)
     injected = 0
     for record in _records():
         answer = record["conversations"][-1]["value"]
@@ -345,3 +347,88 @@ def test_dry_run_prints_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert '"edits"' in out and f"showed 2 of {len(_records())}" in out
     assert not (tmp_path / "out").exists()
+
+
+# ---- rewrites a capable model would write: boundaries, counts, one or two changes ------------
+
+# An object described over two sentences, then a closing summary and a total.
+DESCRIBED = ("A dog sits on a couch. It is brown and fluffy. A cat sleeps on a bed. Overall, the room "
+             "looks cozy. There are two objects in total.")  # fmt: skip
+_NUMBER = {w: i for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"])}
+
+
+def _total(text):
+    """The total a text states, read independently of the module's patterns."""
+    match = re.search(r"There (is|are) (\w+) (object|objects) in total\.", text)
+    assert match, text
+    verb, number, noun = match.groups()
+    n = _NUMBER[number]
+    assert (verb, noun) == (("is", "object") if n == 1 else ("are", "objects")), text  # agreement
+    return n
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_an_added_object_is_a_new_sentence_where_one_about_an_object_may_go(table, seed):
+    h = RulesHallucinator(table, seed=seed, kinds=["object_addition"])
+    rewrite = h.rewrite(f"r{seed}", DESCRIBED)
+    added = next(e for e in rewrite.edits if e.get("role") != "total_count")
+    at = added["offset"]
+    # Not before the first sentence, not between "A dog sits on a couch." and "It is brown",
+    # not after the closing summary or total: so after "fluffy." or after "bed."
+    assert at in (DESCRIBED.index(" A cat"), DESCRIBED.index(" Overall")), rewrite.text
+    assert added["to"].startswith(" ") and added["to"].rstrip()[-1] == "." and added["to"][1].isupper()
+    # The stated total counts the new object.
+    assert _total(rewrite.text) == _total(DESCRIBED) + 1
+    assert _replay(DESCRIBED, rewrite.edits) == rewrite.text
+    # A one-object total becomes a plural one.
+    one = RulesHallucinator(table, seed=seed, kinds=["object_addition"]).rewrite("x", "A red bus is parked. There is one object in total.")
+    assert _total(one.text) == 2 and one.text.index("There are two objects") > one.text.index("bus")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_changed_count_changes_its_number_word_and_the_total(table, vocabulary, seed):
+    text = "Two dogs sit on a couch next to three small cups. There are five objects in total."
+    rewrite = RulesHallucinator(table, seed=seed, kinds=["count"]).rewrite(f"c{seed}", text)
+    (count,) = [e for e in rewrite.edits if e.get("role") != "total_count"]
+    old, new = _NUMBER[count["from"].lower()], _NUMBER[count["to"].lower()]
+    assert new >= 2 and new != old and count["to"][0].isupper() == count["from"][0].isupper()
+    # The noun it counts is still plural, and the total moved by the same amount.
+    noun = next(m for m in vocabulary.mentions(rewrite.text) if m.start > count["offset"])
+    assert noun.plural
+    assert _total(rewrite.text) == 5 + new - old
+    assert _replay(text, rewrite.edits) == rewrite.text
+    # A number that counts no object ("two hours") is left alone.
+    assert RulesHallucinator(table, seed=seed, kinds=["count"]).rewrite("d", "They waited two hours.").edits == []
+
+
+def test_one_or_two_changes_never_three_with_addition_the_most_common(table):
+    h = RulesHallucinator(table, seed=0)
+    changes, kinds = Counter(), Counter()
+    for seed in range(40):
+        for record in _records():
+            rewrite = RulesHallucinator(table, seed=seed).rewrite(record["id"], record["conversations"][-1]["value"])
+            changes[len(rewrite.kinds)] += 1
+            kinds.update(rewrite.kinds)
+    assert set(changes) <= {1, 2} and changes[1] > changes[2] > 0
+    assert kinds.most_common(1)[0][0] == "object_addition"
+    assert all(len(RulesHallucinator(table, seed=s, max_edits=1).rewrite("a", ANSWERS[0]).kinds) == 1 for s in range(20))
+    assert h.max_edits == 2
+
+
+def test_rules_additions_on_world_captions_stay_world_captions(vocabulary):
+    # With the world's sentences as templates (addition_templates()), an added object goes after
+    # a whole object description and the count sentence follows: the rewrite still parses.
+    from povid_data.synthetic_world import addition_templates, caption, max_caption_objects, parse_caption, sample_scene
+
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, 0.8) for _ in range(200)]
+    texts = [caption(s) for s in scenes]
+    table = CooccurrenceTable.from_texts(texts, vocabulary)
+    h = RulesHallucinator(table, seed=0, kinds=["object_addition"], only_seen=True,
+                          addition_templates=addition_templates(), vocabulary=vocabulary)  # fmt: skip
+    for i, (scene, text) in enumerate(zip(scenes, texts)):
+        if len(scene.objects) == max_caption_objects():
+            continue  # "four objects" is not world grammar: the rules backend does not know that
+        rewrite = h.rewrite(i, text)
+        parsed = parse_caption(rewrite.text)
+        assert len(parsed.objects) == len(scene.objects) + 1
