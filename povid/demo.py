@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from povid.audit import headline
 from povid_data.synthetic_world import COMPANION, WorldConfig, addition_templates
 
 __all__ = [
@@ -277,6 +278,18 @@ class Demo:
             overrides.append(f"max_steps={s.dpo_max_steps}")
         self._run(name, title, tune_command("povid_dpo", s.dpo_config, overrides), out)
         return out / "final" / "model"
+
+    # -- the pair audit (does the preference data need the image?)
+
+    def audit(self, model: Path, data_file: Path, name: str, extra: Sequence[str] = ()) -> Dict[str, Any]:
+        """``tune run povid_audit``: ``model``'s log-probs of each pair with the true and a blank
+        image; returns the summary (``povid.audit.summarize``)."""
+        out = self.out / name
+        overrides = [f"checkpoint_dir={model}", f"data_file={data_file}", f"image_dir={self.images}",
+                     f"output_dir={out}", f"batch_size={self.settings.gen_batch_size}",
+                     f"seed={self.settings.world.seed}", *extra]  # fmt: skip
+        self._run(name, f"audit: {name}", tune_command("povid_audit", "povid_audit", overrides), out)
+        return json.loads((out / "audit.json").read_text())
 
     # -- 6. evaluation
 
@@ -531,6 +544,11 @@ def run_demo(
     base = demo.sft()
     stage1 = demo.stage1()
     stage2 = demo.stage2(base, stage1)
+    # Stage 2 both ways: povid_distort's answers (dataset) and the released online argmax.
+    audits = {
+        "dataset noise": demo.audit(base, stage2, "audit"),
+        "online noise": demo.audit(base, stage2, "audit_online", ["noise.source=online"]),
+    }
     tuned = demo.dpo(base, stage2)
     results = {"base": demo.evaluate(base, "base"), "povid": demo.evaluate(tuned, "povid")}
     rows = summary_rows(results)
@@ -546,13 +564,20 @@ def run_demo(
         rows=rows,
     )
     (demo.out / "summary.md").write_text(table)
-    (demo.out / "summary.json").write_text(json.dumps({"rows": rows, "seconds": demo.seconds}, indent=2) + "\n")
+    (demo.out / "summary.json").write_text(
+        json.dumps({"rows": rows, "audits": audits, "seconds": demo.seconds}, indent=2) + "\n"
+    )
     elapsed = time.perf_counter() - start
     n = rows[0]["captions"]
     print()
+    for label, summary in audits.items():
+        _say(f"pair audit of the base ({label}; does the preference need the image?):")
+        for line in headline(summary).splitlines():
+            _say("  " + line)
     _say(f"held-out balanced test images: {n} (companion absent in half of those showing its partner)")
     print(table)
     _say("companion %: captions naming the absent companion of an object that is there")
     _say(f"figure: {figure}    table: {demo.out / 'summary.md'}")
     _say(f"total {elapsed / 60:.1f} min (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo.seconds.items()) + ")")
-    return {"rows": rows, "table": table, "figure": figure, "seconds": demo.seconds, "elapsed": elapsed}
+    return {"rows": rows, "table": table, "figure": figure, "seconds": demo.seconds, "elapsed": elapsed,
+            "audits": audits}

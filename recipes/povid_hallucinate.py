@@ -305,21 +305,19 @@ class HallucinateRecipe:
         # Everything in the conversation but the answer being rewritten: injected objects must
         # be absent from all of it.
         context = "\n".join(_turn_text(t) for t in record[CHOSEN][:-1])
-        rewrite = self.rules.rewrite(str(record["id"]), answer, context)
-        meta = {"model": RULES_MODEL, "kinds": rewrite.kinds, "edits": rewrite.edits}
-        if not rewrite.edits:
-            return Outcome("rejected", reason="no_applicable_edit", attempts=1, meta=meta)
-        reason = check_rewrite(answer, rewrite.text, self.validation)
-        if reason:
-            return Outcome("rejected", reason=reason, detail=rewrite.text[:300], attempts=1, meta=meta)
-        return Outcome("ok", text=rewrite.text, attempts=1, meta=meta)
+        return self._offline_outcome(answer, self.rules.rewrite(str(record["id"]), answer, context), RULES_MODEL)
 
     def _world_outcome(self, record: Dict[str, Any], answer: str) -> Outcome:
         context = " ".join(_turn_text(t) for t in record[CHOSEN][:-1])
         # Kinds an earlier turn names (a question about a donut) are never injected either.
         named = {kind for kind in WORLD_KINDS if re.search(rf"\b{re.escape(kind)}s?\b", context, re.IGNORECASE)}
         rewrite = self.injector.rewrite(str(record["id"]), self.scenes[str(record["id"])], named)
-        meta = {"model": WORLD_MODEL, "kinds": rewrite.kinds, "edits": rewrite.edits}
+        return self._offline_outcome(answer, rewrite, WORLD_MODEL)
+
+    def _offline_outcome(self, answer: str, rewrite: Any, model: str) -> Outcome:
+        """The outcome of an offline backend's rewrite (``text``, ``kinds``, ``edits``), validated
+        like a model's answer."""
+        meta = {"model": model, "kinds": rewrite.kinds, "edits": rewrite.edits}
         if not rewrite.edits:
             return Outcome("rejected", reason="no_applicable_edit", attempts=1, meta=meta)
         reason = check_rewrite(answer, rewrite.text, self.validation)

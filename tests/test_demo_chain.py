@@ -39,13 +39,19 @@ def test_quick_chain_runs_end_to_end_and_reruns_from_its_outputs(tmp_path, capsy
         assert row["captions"] == world["config"]["test"]
     assert summary_table(rows) == (out / "summary.md").read_text()
     assert "| povid |" in printed and "CHAIR_I %" in printed
+    # The pair audit of both stage-2 variants ran and its headline is printed.
+    for name in ("audit", "audit_online"):
+        audit = json.loads((out / name / "audit.json").read_text())
+        assert audit["answers"]["rejected"]["all"]["pairs"] == world["config"]["pref"]
+        assert audit == summary["audits"]["dataset noise" if name == "audit" else "online noise"]
+    assert printed.count("pair audit of the base") == 2 and "share that needs the image" in printed
     figure = Image.open(out / "summary.png")
     assert figure.width == 1400 and figure.height > 400
 
     # A rerun reuses every finished stage.
     assert povid_main(["demo", "--quick", "--output-dir", str(out)]) == 0
     rerun = capsys.readouterr().out
-    assert rerun.count("done before, reusing") == 9  # world, sft, stage 1, stage 2, dpo, 4 evals
+    assert rerun.count("done before, reusing") == 11  # world, sft, stage 1, stage 2, 2 audits, dpo, 4 evals
     assert json.loads((out / "summary.json").read_text())["rows"] == rows
 
 
