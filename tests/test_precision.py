@@ -46,8 +46,15 @@ def test_bf16_lora_at_lr_1e7_moves_its_adapters_as_fp32_does(tmp_path, tiny_chec
     pure = check.adapter_updates(
         tiny_checkpoint, preference_data, tmp_path / "pure", *LOW_LR, "dtype=bf16", "trainable_dtype=bf16"
     )
-    assert check.relative_l2(bf16, fp32) < 0.05
-    assert check.relative_l2(pure, fp32) > 0.05
+    mixed, old = check.movement(bf16, fp32), check.movement(pure, fp32)
+    # fp32 masters: LoRA-A and LoRA-B move as far as in fp32, every element, the same way (bf16
+    # compute noise, which the released run has too, leaves the cosine just below 1).
+    for part in ("lora_a", "lora_b"):
+        assert abs(mixed[f"{part}_norm_ratio"] - 1) < 0.05, mixed
+        assert mixed[f"{part}_moved"] > 0.99, mixed
+    assert mixed["cosine"] > 0.9, mixed
+    # Pure bf16: LoRA-A (entries ~1e-2) barely moves at lr 1e-7.
+    assert old["lora_a_norm_ratio"] < 0.5 and old["lora_a_moved"] < 0.1, old
 
 
 def test_bf16_run_merges_a_small_delta_losslessly(tmp_path, tiny_checkpoint, preference_data):
