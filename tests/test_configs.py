@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from torchtune import config as tt_config
 
 from povid.checkpoint import llava_hf_config
-from povid.config import RECIPES, resolve_config
+from povid.config import RECIPES, check_choice, resolve_config
+from povid_dpo import SETTING_CHOICES
 from povid.model import LLAVA_1_5_13B, LLAVA_1_5_7B
 
 TRAINING_KEYS = {"checkpoint_dir", "data_file", "image_dir", "output_dir", "max_steps", "batch_size", "seed"}
@@ -22,6 +23,8 @@ def test_training_configs_have_override_keys_and_a_valid_objective(name):
     loss = tt_config.instantiate(cfg.objective)
     assert loss.objective in ("povid", "povid_reference", "dpo")
     assert cfg.noise.source in ("dataset", "online", "none")
+    for key, choices in SETTING_CHOICES.items():  # what povid_dpo checks at start
+        check_choice(cfg, key, choices)
 
 
 @pytest.mark.parametrize("name", [n for n in RECIPES["povid_dpo"] if "tiny" not in n])

@@ -34,16 +34,21 @@ def test_parameter_groups_of_7b_match_hand_count():
 
 
 def test_7b_lora_bf16_weights_grads_and_adamw():
+    # fp32 master adapters (+ their bf16 autocast copies), fp32 gradients and AdamW moments
     est = estimate_memory(LLAVA_1_5_7B, method="lora", lora_rank=R, dtype="bf16")
-    assert est["parameters"] == pytest.approx((TOTAL_7B + ADAPTERS) * 2 / GB)  # 13.75 GB
-    assert est["gradients"] == pytest.approx(ADAPTERS * 2 / GB)
-    assert est["optimizer"] == pytest.approx(2 * ADAPTERS * 2 / GB)
+    assert est["parameters"] == pytest.approx((TOTAL_7B * 2 + ADAPTERS * (4 + 2)) / GB)  # 14.94 GB
+    assert est["gradients"] == pytest.approx(ADAPTERS * 4 / GB)
+    assert est["optimizer"] == pytest.approx(2 * ADAPTERS * 4 / GB)
     assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
+    pure = estimate_memory(LLAVA_1_5_7B, method="lora", lora_rank=R, dtype="bf16", trainable_dtype="bf16")
+    assert pure["parameters"] == pytest.approx((TOTAL_7B + ADAPTERS) * 2 / GB)  # 13.75 GB
+    assert pure["gradients"] == pytest.approx(ADAPTERS * 2 / GB)
+    assert pure["optimizer"] == pytest.approx(2 * ADAPTERS * 2 / GB)
 
 
 def test_qlora_stores_llm_linears_in_nf4():
     est = estimate_memory(LLAVA_1_5_7B, method="qlora", lora_rank=R, dtype="bf16")
-    expected = LLM_LINEARS * NF4_BYTES_PER_WEIGHT + (TOTAL_7B - LLM_LINEARS + ADAPTERS) * 2
+    expected = LLM_LINEARS * NF4_BYTES_PER_WEIGHT + (TOTAL_7B - LLM_LINEARS) * 2 + ADAPTERS * (4 + 2)
     assert NF4_BYTES_PER_WEIGHT == pytest.approx(0.5159, abs=1e-4)
     assert est["parameters"] == pytest.approx(expected / GB)
 
@@ -52,9 +57,10 @@ def test_full_fsdp_shards_the_llm_and_replicates_the_vision_encoder():
     one = estimate_memory(LLAVA_1_5_7B, method="full", world_size=1, projector_trainable=True)
     eight = estimate_memory(LLAVA_1_5_7B, method="full", world_size=8, projector_trainable=True)
     llm = LLM_LINEARS + LLM_OTHER
-    assert one["parameters"] == pytest.approx(TOTAL_7B * 2 / GB)
-    assert eight["parameters"] == pytest.approx(((VISION + PROJECTOR) * 2 + llm * 2 / 8) / GB)
-    assert eight["gradients"] == pytest.approx((PROJECTOR + llm / 8) * 2 / GB)
+    # what trains (LLM + projector) in fp32; on one device + its bf16 autocast copies
+    assert one["parameters"] == pytest.approx((VISION * 2 + (PROJECTOR + llm) * (4 + 2)) / GB)
+    assert eight["parameters"] == pytest.approx((VISION * 2 + PROJECTOR * 4 + llm * 4 / 8) / GB)
+    assert eight["gradients"] == pytest.approx((PROJECTOR + llm / 8) * 4 / GB)
     assert eight["optimizer"] == pytest.approx(2 * eight["gradients"])
     cached = estimate_memory(LLAVA_1_5_7B, method="full", world_size=8, precomputed_reference=True)
     # the frozen copy is freed once reference log-probs are cached (no online noise)
@@ -62,7 +68,8 @@ def test_full_fsdp_shards_the_llm_and_replicates_the_vision_encoder():
     online = estimate_memory(
         LLAVA_1_5_7B, method="full", world_size=8, precomputed_reference=True, online_noise=True
     )
-    assert online["reference"] > eight["parameters"] * 0.99
+    # the frozen copy is in the compute dtype (bf16), sharded like the policy
+    assert online["reference"] > ((VISION + PROJECTOR) * 2 + llm * 2 / 8) / GB * 0.99
     assert eight["fsdp_buffers"] > 0 == one["fsdp_buffers"]
 
 
