@@ -4,11 +4,13 @@
 
 1. make the synthetic world (:mod:`povid_data.synthetic_world`): images, exact captions, COCO
    annotations, LLaVA instruction data; and the untrained world LLaVA (:mod:`povid.tiny_world`);
-2. ``llava_sft``: supervised fine-tuning of that model: the *base* model POVID aligns;
+2. ``llava_sft``: supervised fine-tuning of that model: the *base* model POVID aligns; then
+   ``povid_eval`` of the base and the world's criteria (:mod:`povid.world_criteria`: does the base
+   know what is there and still add objects in long descriptions?), printed PASS / NOT MET;
 3. ``povid_hallucinate`` (``rules`` backend): stage 1, hallucinated rewrites of the ground truth;
 4. ``povid_distort``: stage 2, the base model's answers on diffusion-noised images;
 5. ``povid_dpo``: POVID preference training of the base model;
-6. ``povid_eval``: CHAIR and POPE of the base and the POVID model on held-out balanced images;
+6. ``povid_eval``: CHAIR and POPE of the POVID model on the same held-out balanced images;
 
 then prints the side-by-side table and draws ``summary.png`` (training curves; test images with
 the base and the POVID description, hallucinated words in red). A stage whose output exists is
@@ -42,6 +44,7 @@ __all__ = [
     "summary_rows",
     "summary_table",
     "draw_summary",
+    "report_base_criteria",
 ]
 
 # Printed through from stage output, everything else goes to the stage's log only.
@@ -365,6 +368,29 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_base_criteria(results: Mapping[str, Path], out_dir: Path) -> str:
+    """Check the base against the world's criteria (:mod:`povid.world_criteria`), print the
+    table and write it to ``base_criteria.md`` / ``.json`` in ``out_dir``; returns the table."""
+    from povid.metrics.report import read_results
+    from povid.world_criteria import addition_counts, base_criteria, criteria_as_dict, criteria_table
+
+    chair = read_results(results["chair"])
+    criteria = base_criteria(chair, read_results(results["pope"]))
+    table = criteria_table(criteria)
+    counts = addition_counts(chair.get("details", []))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "base_criteria.md").write_text(table)
+    (out_dir / "base_criteria.json").write_text(
+        json.dumps({"criteria": criteria_as_dict(criteria), "addition_counts": counts}, indent=2) + "\n"
+    )
+    print()
+    _say(f"does the base have the failure POVID targets? ({chair['metrics']['num_captions']} held-out balanced "
+         f"test images; {counts['addition_captions']} of {counts['hallucinating_captions']} hallucinating captions "
+         "name every object that is there)")  # fmt: skip
+    print(table)
+    return table
+
+
 def _read_metrics(path: Path) -> List[Dict[str, float]]:
     if not path.exists():
         return []
@@ -527,10 +553,13 @@ def run_demo(
     _say(f"POVID on a synthetic world, {'quick' if quick else 'full'} size, into {demo.out}")
     demo.world()
     base = demo.sft()
+    # The base is checked before any preference run: the criteria do not depend on POVID.
+    results = {"base": demo.evaluate(base, "base", title="2/6 povid_eval")}
+    criteria = report_base_criteria(results["base"], demo.out)
     stage1 = demo.stage1()
     stage2 = demo.stage2(base, stage1)
     tuned = demo.dpo(base, stage2)
-    results = {"base": demo.evaluate(base, "base"), "povid": demo.evaluate(tuned, "povid")}
+    results["povid"] = demo.evaluate(tuned, "povid")
     rows = summary_rows(results)
     table = summary_table(rows)
     figure = draw_summary(
@@ -551,6 +580,9 @@ def run_demo(
     _say(f"held-out balanced test images: {n} (companion absent in half of those showing its partner)")
     print(table)
     _say("companion %: captions naming the absent companion of an object that is there")
+    _say(f"base criteria (also in {demo.out / 'base_criteria.md'}):")
+    print(criteria)
     _say(f"figure: {figure}    table: {demo.out / 'summary.md'}")
     _say(f"total {elapsed / 60:.1f} min (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo.seconds.items()) + ")")
-    return {"rows": rows, "table": table, "figure": figure, "seconds": demo.seconds, "elapsed": elapsed}
+    return {"rows": rows, "table": table, "criteria": criteria, "figure": figure, "seconds": demo.seconds,
+            "elapsed": elapsed}  # fmt: skip

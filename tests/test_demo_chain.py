@@ -39,6 +39,12 @@ def test_quick_chain_runs_end_to_end_and_reruns_from_its_outputs(tmp_path, capsy
         assert row["captions"] == world["config"]["test"]
     assert summary_table(rows) == (out / "summary.md").read_text()
     assert "| povid |" in printed and "CHAIR_I %" in printed
+    # The base criteria: printed with a verdict per line (at this size they need not pass).
+    criteria = json.loads((out / "base_criteria.json").read_text())["criteria"]
+    assert len(criteria) == 6 and all(isinstance(c["passed"], bool) for c in criteria.values())
+    assert (out / "base_criteria.md").read_text() in printed
+    assert "| base criterion | value | needs | result |" in printed
+    assert printed.count(" | PASS |") + printed.count(" | NOT MET |") >= 12  # after the base eval and at the end
     figure = Image.open(out / "summary.png")
     assert figure.width == 1400 and figure.height > 400
 
