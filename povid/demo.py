@@ -69,6 +69,9 @@ class DemoSettings:
     sft_batch_size: int = 32
     sft_lr: float = 1e-3
     sft_max_steps: Optional[int] = None
+    # Every answer weighs the same: with the token mean a one-word yes/no answer is a few per
+    # cent of the loss next to a description, and the base never learns to answer from the image.
+    sft_loss_per_answer: bool = True
     dpo_config: str = "povid_tiny_full"
     dpo_batch_size: int = 16
     dpo_epochs: int = 1
@@ -225,6 +228,7 @@ class Demo:
             "epochs": epochs or s.sft_epochs,
             "batch_size": batch_size or s.sft_batch_size,
             "optimizer.lr": lr or s.sft_lr,
+            "loss_per_answer": s.sft_loss_per_answer,
             "seed": s.world.seed,
             "save_every_n_steps": 100,  # an interrupted run resumes from here
             "resume_from_checkpoint": True,
