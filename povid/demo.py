@@ -65,9 +65,9 @@ class DemoSettings:
     """Sizes and hyperparameters of one demo run (``DEMO_SIZES`` holds the two presets)."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
-    sft_epochs: int = 2
+    sft_epochs: int = 3
     sft_batch_size: int = 32
-    sft_lr: float = 1e-3
+    sft_lr: float = 2e-3
     sft_max_steps: Optional[int] = None
     # Every answer weighs the same: with the token mean a one-word yes/no answer is a few per
     # cent of the loss next to a description, and the base never learns to answer from the image.
