@@ -17,6 +17,7 @@ Prints mean and spread (sample standard deviation over seeds) and writes ``resul
 
     python benchmarks/povid_synthetic.py --seeds 0 1 2 --out povid_outputs/bench_synthetic
     python benchmarks/povid_synthetic.py --quick --seeds 0      # smoke test, minutes
+    python benchmarks/povid_synthetic.py --base-only --seeds 0 1 2   # the base criteria only
 
 Extra ``povid_dpo`` overrides for the two DPO variants (``--dpo key=value ...``) go after the
 demo's, e.g. ``--dpo objective.beta=0.5``, and ``povid_hallucinate`` overrides (``--stage1
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from povid.demo import DEMO_SIZES, Demo, summary_rows
+from povid.metrics.report import read_results
+from povid.world_criteria import base_criteria, criteria_as_dict
 from povid_data.synthetic_world import make_world
 
 VARIANTS = ("base", "povid", "dpo_text", "sft_more")
@@ -59,13 +62,44 @@ def balanced_preference_images(demo: Demo) -> Demo:
     return Demo(demo.out, demo.settings, world_dir=world_dir)
 
 
+def seed_demo(out: Path, seed: int, quick: bool) -> Demo:
+    """The demo chain of one seed at the full (or quick) size, in ``out/seed_<seed>``."""
+    settings = DEMO_SIZES["quick" if quick else "default"]
+    return Demo(out / f"seed_{seed}", replace(settings, world=replace(settings.world, seed=seed)))
+
+
+def base_criteria_of_seed(out: Path, seed: int, quick: bool) -> Dict[str, dict]:
+    """World, base model and its evaluation for one seed; the world's base criteria."""
+    demo = seed_demo(out, seed, quick)
+    demo.world()
+    files = demo.evaluate(demo.sft(), "base", title="povid_eval")
+    return criteria_as_dict(base_criteria(read_results(files["chair"]), read_results(files["pope"])))
+
+
+def criteria_per_seed_table(per_seed: Dict[int, Dict[str, dict]]) -> str:
+    """Markdown: one row per criterion, one column per seed (value, and a mark when not met)."""
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    lines = ["| base criterion | needs | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds)]  # fmt: skip
+    for key, criterion in first.items():
+        cells = []
+        for seed in seeds:
+            c = per_seed[seed][key]
+            value = "n/a" if c["value"] is None else f"{100 * c['value']:.1f}"
+            cells.append(value if c["passed"] else f"{value} (NOT MET)")
+        lines.append(f"| {criterion['label']} | >= {100 * criterion['threshold']:.0f} | " + " | ".join(cells) + " |")
+    met = [s for s in seeds if all(c["passed"] for c in per_seed[s].values())]
+    lines.append(f"\nall criteria met on seeds {met} of {seeds}" if met else f"\nno seed meets every criterion ({seeds})")
+    return "\n".join(lines) + "\n"
+
+
 def run_seed(
     out: Path, seed: int, quick: bool, dpo_extra: List[str], tag: str, stage1_extra: List[str],
     balanced_pref: bool = False,
 ) -> Dict[str, Dict[str, Path]]:  # fmt: skip
-    settings = DEMO_SIZES["quick" if quick else "default"]
-    settings = replace(settings, world=replace(settings.world, seed=seed))
-    demo = Demo(out / f"seed_{seed}", settings)
+    demo = seed_demo(out, seed, quick)
+    settings = demo.settings
     demo.world()
     base = demo.sft()
     suffix = f"_{tag}" if tag else ""
@@ -138,23 +172,36 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--stage1", nargs="*", default=[], help="extra povid_hallucinate overrides (needs --tag)")
     parser.add_argument("--balanced-pref", action="store_true",
                         help="preference images from the balanced distribution (needs --tag)")  # fmt: skip
+    parser.add_argument("--base-only", action="store_true",
+                        help="stop after the base evaluation and report the world's base criteria per seed")  # fmt: skip
     parser.add_argument("--tag", default="", help="name suffix of the runs made with --dpo / --stage1 overrides")
     args = parser.parse_args(argv)
     if (args.dpo or args.stage1 or args.balanced_pref) and not args.tag:
         parser.error("--dpo, --stage1 and --balanced-pref variants need a --tag to keep their runs apart")
     start = time.perf_counter()
+    if args.base_only:
+        criteria = {seed: base_criteria_of_seed(args.out, seed, args.quick) for seed in args.seeds}
+        text = criteria_per_seed_table(criteria)
+        (args.out / "base_criteria.json").write_text(json.dumps({str(s): c for s, c in criteria.items()}, indent=2) + "\n")
+        (args.out / "base_criteria.md").write_text(text)
+        print(f"\nThe world's base criteria, held-out balanced test split, seeds {args.seeds}\n\n{text}")
+        print(f"{(time.perf_counter() - start) / 60:.1f} min; results in {args.out / 'base_criteria.md'}")
+        return 0
     per_seed: Dict[int, List[dict]] = {}
+    criteria: Dict[int, Dict[str, dict]] = {}
     for seed in args.seeds:
         results = run_seed(args.out, seed, args.quick, args.dpo, args.tag, args.stage1, args.balanced_pref)
         rows = summary_rows(results)
         for variant, row in zip(results, rows):
             row["variant"] = variant
         per_seed[seed] = rows
+        base = results["base"]
+        criteria[seed] = criteria_as_dict(base_criteria(read_results(base["chair"]), read_results(base["pope"])))
     agg = aggregate(per_seed)
-    text = table(agg, len(args.seeds))
+    text = table(agg, len(args.seeds)) + "\n" + criteria_per_seed_table(criteria)
     name = f"results{'_' + args.tag if args.tag else ''}"
     (args.out / f"{name}.json").write_text(json.dumps({"per_seed": per_seed, "aggregate": agg,
-                                                      "dpo_overrides": args.dpo, "stage1_overrides": args.stage1,
+                                                      "base_criteria": criteria, "dpo_overrides": args.dpo, "stage1_overrides": args.stage1,
                                                       "balanced_pref": args.balanced_pref},
                                                      indent=2) + "\n")  # fmt: skip
     (args.out / f"{name}.md").write_text(text)

@@ -48,6 +48,7 @@ __all__ = [
     "MetricsJsonl",
     "latest_checkpoint",
     "shifted_cross_entropy",
+    "per_answer_cross_entropy",
     "set_vision_trainable",
     "model_state_for_save",
     "save_step_checkpoint",
@@ -370,6 +371,32 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     """
     shifted = logits[:, :-1].reshape(-1, logits.size(-1)).float()
     return torch.nn.functional.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def per_answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over answers of each answer's mean next-token cross-entropy (labels shifted here).
+
+    An answer is a run of labelled tokens (an assistant turn and its ``</s>``). Every answer
+    weighs the same, so a one-word answer counts as much as a long description: the token mean
+    of :func:`shifted_cross_entropy` gives a ``Yes`` next to a 60-token description a few per
+    cent of the loss, too little to learn to answer from the image.
+    """
+    targets = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view_as(targets)  # fmt: skip
+    labelled = targets != IGNORE_INDEX
+    previous = torch.cat([torch.zeros_like(labelled[:, :1]), labelled[:, :-1]], dim=1)
+    starts = labelled & ~previous
+    # Answer index of every labelled token (1..n, row-major), 0 for the rest.
+    answer = (torch.cumsum(starts.flatten().long(), 0) * labelled.flatten().long())
+    n = int(starts.sum())
+    if n == 0:
+        return ce.sum() * 0.0
+    sums = torch.zeros(n + 1, dtype=ce.dtype, device=ce.device).index_add_(0, answer, (ce * labelled).flatten())
+    counts = torch.zeros(n + 1, dtype=ce.dtype, device=ce.device).index_add_(0, answer, labelled.flatten().to(ce.dtype))
+    return (sums[1:] / counts[1:]).mean()
 
 
 def set_vision_trainable(model: nn.Module, trainable: Set[str]) -> Set[str]:

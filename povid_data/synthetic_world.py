@@ -69,6 +69,7 @@ __all__ = [
     "scene_problems",
     "render",
     "make_world",
+    "written_scene",
     "addition_templates",
     "world_corpus",
     "companion_stats",
@@ -97,7 +98,7 @@ POSITIONS: Tuple[str, ...] = ("top left", "top right", "bottom left", "bottom ri
 BACKGROUND = (238, 238, 238)
 IMAGE_SIZE = 64
 
-_NUMBERS = {1: "one", 2: "two", 3: "three"}
+_NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 DESCRIBE_PROMPTS: Tuple[str, ...] = (
     "Please describe this image in detail.",
@@ -135,10 +136,15 @@ class Scene:
 class WorldConfig:
     """Sizes and statistics of the world (defaults: the demo's full size).
 
-    ``sft_questions``: yes/no questions per training image in ``sft.json``.
+    ``sft_questions``: yes/no questions per training image in ``sft.json``; None asks about
+    every kind that is there and as many that are not (the absent companions first), so the
+    answers are balanced and the adversarial question (the missing partner) is always asked.
     ``companion_rate``: in the training distribution, the probability that a kind's companion is
-    in the image given that the kind is (about 0.8); ``balanced_companion_rate``: the same in the
-    balanced test split (0.5). ``pair_probability`` of a scene unit is derived from them.
+    in the image given that the kind is; ``balanced_companion_rate``: the same in the balanced
+    test split (0.5). ``pair_probability`` of a scene unit is derived from them.
+    ``writer_addition_rate``: how often the training descriptions (``sft.json`` only) name the
+    absent companion right after its partner, as a writer who did not look would (see
+    :func:`written_scene`); every other file's text is exact.
     """
 
     seed: int = 0
@@ -146,9 +152,10 @@ class WorldConfig:
     pref: int = 2000
     test: int = 600
     test_iid: int = 300
-    companion_rate: float = 0.8
+    companion_rate: float = 0.85
     balanced_companion_rate: float = 0.5
-    sft_questions: int = 3
+    sft_questions: Optional[int] = 4
+    writer_addition_rate: float = 0.6
     image_size: int = IMAGE_SIZE
     splits: Dict[str, str] = field(
         default_factory=lambda: {"train": "iid", "pref": "iid", "test": "balanced", "test_iid": "iid"}
@@ -186,6 +193,26 @@ def sample_scene(rng: random.Random, companion_rate: float) -> Scene:
     ]
     objects.sort(key=lambda o: KINDS.index(o.kind))
     return Scene(objects)
+
+
+def written_scene(scene: Scene, rng: random.Random, addition_rate: float) -> Scene:
+    """The scene as the training descriptions' writer tells it: after the first kind of a pair
+    whose partner is absent, with probability ``addition_rate``, the partner too (a random
+    colour and size, in a free quadrant), as LLaVA-Instruct's text-only GPT-4 writer names the
+    objects that usually go with what it was told about. The count follows what is told.
+
+    The addition comes after its partner in caption order, late in the description, where a
+    captioner's language prior bites; yes/no answers are never written this way.
+    """
+    kinds = set(scene.kinds)
+    free = [p for p in POSITIONS if p not in {o.position for o in scene.objects}]
+    told = list(scene.objects)
+    for first, second in PAIRS:
+        if first in kinds and second not in kinds and free and rng.random() < addition_rate:
+            position = free.pop(rng.randrange(len(free)))
+            told.append(WorldObject(second, rng.choice(tuple(COLOURS)), rng.choice(tuple(SIZES)), position))
+    told.sort(key=lambda o: KINDS.index(o.kind))
+    return Scene(told)
 
 
 def _article(word: str) -> str:
@@ -455,27 +482,49 @@ def _describe_record(record_id: str, image: str, text: str, prompt: str) -> dict
     }
 
 
-def _yes_no_turns(scene: Scene, rng: random.Random) -> List[dict]:
-    """A yes/no question about the image: a present or an absent kind, equally often."""
+def _yes_no_turns(kind: str, present: bool) -> List[dict]:
+    question = QUESTION_TEMPLATE.format(object=kind) + YES_NO_SUFFIX
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": "Yes" if present else "No"}]
+
+
+def _asked_kinds(scene: Scene, rng: random.Random, questions: Optional[int]) -> List[Tuple[str, bool]]:
+    """``(kind, present)`` to ask about. ``questions`` None: every present kind and as many
+    absent ones, the absent companions of present kinds first (POPE's adversarial negatives),
+    shuffled (the last answers then follow from the first: a shortcut around the image); else
+    that many independent draws, each a present or an absent kind equally often, an absent
+    companion half the time there is one, so no answer tells another."""
     present = scene.kinds
     absent = [k for k in KINDS if k not in present]
-    ask_present = rng.random() < 0.5 or not absent
-    kind = rng.choice(present if ask_present else absent)
-    question = QUESTION_TEMPLATE.format(object=kind) + YES_NO_SUFFIX
-    return [{"from": "human", "value": question}, {"from": "gpt", "value": "Yes" if ask_present else "No"}]
+    if questions is None:
+        companions = [k for k in dict.fromkeys(COMPANION[p] for p in present) if k in absent]
+        others = [k for k in absent if k not in companions]
+        rng.shuffle(others)
+        asked = [(k, True) for k in present] + [(k, False) for k in (companions + others)[: len(present)]]
+        rng.shuffle(asked)
+        return asked
+    companions = [k for k in absent if COMPANION[k] in present]
+    asked = []
+    for _ in range(questions):
+        if rng.random() < 0.5 or not absent:
+            asked.append((rng.choice(present), True))
+        elif companions and rng.random() < 0.5:
+            asked.append((rng.choice(companions), False))
+        else:
+            asked.append((rng.choice(absent), False))
+    return asked
 
 
 def _sft_records(
-    record_id: str, image: str, text: str, prompt: str, scene: Scene, questions: int, rng: random.Random
+    record_id: str, image: str, text: str, prompt: str, scene: Scene, questions: Optional[int], rng: random.Random
 ) -> List[dict]:
     """LLaVA-style instruction data for one image: its description, and (a separate
-    conversation) ``questions`` yes/no questions about present and absent kinds, as LLaVA-1.5
-    mixes detailed descriptions with short-answer VQA. Both start a conversation, as CHAIR and
-    POPE ask them; a question never follows the description, so it is answered from the image.
-    One-word answers carry little of a batch's loss, hence several per image."""
+    conversation) yes/no questions about present and absent kinds, as LLaVA-1.5 mixes detailed
+    descriptions with short-answer VQA. Both start a conversation, as CHAIR and POPE ask them;
+    a question never follows the description, so it is answered from the image. One-word
+    answers carry little of a batch's loss, hence several per image."""
     records = [_describe_record(record_id, image, text, prompt)]
-    if questions:
-        turns = [turn for _ in range(questions) for turn in _yes_no_turns(scene, rng)]
+    if questions != 0:
+        turns = [turn for kind, present in _asked_kinds(scene, rng, questions) for turn in _yes_no_turns(kind, present)]
         turns[0] = {"from": "human", "value": f"<image>\n{turns[0]['value']}"}
         records.append({"id": f"{record_id}-qa", "image": image, "conversations": turns})
     return records
@@ -509,7 +558,7 @@ def world_corpus() -> List[str]:
             for size in SIZES:
                 position = rng.choice(POSITIONS)
                 lines.append(caption(Scene([WorldObject(kind, colour, size, position)])))
-    for n in (2, 3):
+    for n in (2, 3, 4):
         lines.append(f"There are {_NUMBERS[n]} objects in total.")
 
     return lines
@@ -582,6 +631,8 @@ def make_world(
         count = getattr(config, split)
         rng = random.Random(f"{config.seed}:{split}")
         qa_rng = random.Random(f"{config.seed}:{split}:questions")  # scenes do not depend on it
+        writer_rng = random.Random(f"{config.seed}:{split}:writer")
+        written_additions = 0
         rate = config.companion_rate if distribution == "iid" else config.balanced_companion_rate
         entries, describe, sft = [], [], []
         for index in range(count):
@@ -597,13 +648,17 @@ def make_world(
             prompt = rng.choice(DESCRIBE_PROMPTS) if split == "train" else EVAL_DESCRIBE_PROMPT
             describe.append(_describe_record(record_id, file_name, text, prompt))
             if split == "train":
-                sft.extend(_sft_records(record_id, file_name, text, prompt, scene, config.sft_questions, qa_rng))
+                told = written_scene(scene, writer_rng, config.writer_addition_rate)
+                written_additions += len(told.objects) - len(scene.objects)
+                sft.extend(_sft_records(record_id, file_name, caption(told), prompt, scene, config.sft_questions, qa_rng))
         _coco_files(split, entries, out_dir)
         _write_json(out_dir / f"{split}.json", describe)
         if split == "train":
             _write_json(out_dir / "sft.json", sft)
         stats[split] = {"distribution": distribution, **companion_stats(e["scene"] for e in entries),
                         "objects": dict(Counter(o.kind for e in entries for o in e["scene"].objects))}  # fmt: skip
+        if split == "train":
+            stats[split]["sft_written_additions"] = written_additions
         if progress:
             progress(f"{split}: {count} images ({distribution}), companion present "
                      f"{stats[split]['companion_rate']:.0%} of the time")  # fmt: skip

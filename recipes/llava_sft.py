@@ -14,7 +14,9 @@ Per step, for a batch of LLaVA records (any number of turns, with or without an 
 1. the conversation is tokenized with the vicuna_v1 template, as the original LLaVA does it;
    labels are -100 everywhere but the assistant answers and their ``</s>``;
 2. the model runs on tokens + images (one image per ``<image>``); the loss is the mean
-   next-token cross-entropy over the answer tokens (labels shifted here);
+   next-token cross-entropy over the answer tokens (labels shifted here), or with
+   ``loss_per_answer=true`` the mean over answers of each answer's mean, so that short answers
+   weigh as much as long descriptions;
 3. what trains is a config choice: LoRA adapters (+ projector), or the full LLM + projector;
    ``vision_trainable=true`` also trains the CLIP tower, at ``vision_lr_scale`` times the
    learning rate (for a tower that is not pretrained, such as the synthetic world's; LLaVA-1.5
@@ -60,6 +62,7 @@ from povid.training import (
     set_trainable,
     set_vision_trainable,
     shard_llava,
+    per_answer_cross_entropy,
     shifted_cross_entropy,
     upcast_trainable,
     vision_param_groups,
@@ -172,6 +175,8 @@ class LlavaSFTRecipe:
             encoder_input = {"image": {"images": batch["images"].to(self.device, self.dtype)}}
         with mixed_precision(self.device, self.dtype, self.trainable_dtype, distributed=self.distributed):
             logits = self.model(tokens, encoder_input=encoder_input)
+        if self.cfg.get("loss_per_answer", False):
+            return per_answer_cross_entropy(logits, labels)
         return shifted_cross_entropy(logits, labels)
 
     def train(self) -> None:

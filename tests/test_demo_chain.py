@@ -45,6 +45,12 @@ def test_quick_chain_runs_end_to_end_and_reruns_from_its_outputs(tmp_path, capsy
         assert audit["answers"]["rejected"]["all"]["pairs"] == world["config"]["pref"]
         assert audit == summary["audits"]["dataset noise" if name == "audit" else "online noise"]
     assert printed.count("pair audit of the base") == 2 and "share that needs the image" in printed
+    # The base criteria: printed with a verdict per line (at this size they need not pass).
+    criteria = json.loads((out / "base_criteria.json").read_text())["criteria"]
+    assert len(criteria) == 6 and all(isinstance(c["passed"], bool) for c in criteria.values())
+    assert (out / "base_criteria.md").read_text() in printed
+    assert "| base criterion | value | needs | result |" in printed
+    assert printed.count(" | PASS |") + printed.count(" | NOT MET |") >= 12  # after the base eval and at the end
     figure = Image.open(out / "summary.png")
     assert figure.width == 1400 and figure.height > 400
 

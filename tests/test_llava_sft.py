@@ -8,7 +8,7 @@ import torch
 import llava_sft
 from _shapes import save_shape_image
 from povid.checkpoint import load_llava
-from povid.training import shifted_cross_entropy
+from povid.training import per_answer_cross_entropy, shifted_cross_entropy
 
 
 
@@ -49,6 +49,25 @@ def test_shifted_cross_entropy_shifts_labels():
     labels = torch.tensor([[-100, 2, 4]])
     assert shifted_cross_entropy(logits, labels) == pytest.approx(0.0, abs=1e-6)
     assert shifted_cross_entropy(logits, torch.tensor([[-100, 4, 2]])) > 100
+
+
+def test_per_answer_cross_entropy_weighs_every_answer_the_same():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 5)
+    # Row 0: a two-token answer and a one-token one; row 1: a four-token answer at the row's end.
+    labels = torch.tensor([[-100, 1, 2, -100, 3, -100], [-100, -100, 4, 4, 4, 2]])
+    lp = logits.log_softmax(-1)
+    answers = [
+        -(lp[0, 0, 1] + lp[0, 1, 2]) / 2,
+        -lp[0, 3, 3],
+        -(lp[1, 1, 4] + lp[1, 2, 4] + lp[1, 3, 4] + lp[1, 4, 2]) / 4,
+    ]
+    assert per_answer_cross_entropy(logits, labels) == pytest.approx(float(sum(answers) / 3), rel=1e-6)
+    # One answer a row: the mean of the rows' token means, not the token mean over the batch.
+    one = torch.tensor([[-100, 1, 2, 3, 4, 2], [-100, -100, -100, -100, 3, 2]])
+    rows = [-(lp[0, 0, 1] + lp[0, 1, 2] + lp[0, 2, 3] + lp[0, 3, 4] + lp[0, 4, 2]) / 5, -(lp[1, 3, 3] + lp[1, 4, 2]) / 2]
+    assert per_answer_cross_entropy(logits, one) == pytest.approx(float(sum(rows) / 2), rel=1e-6)
+    assert per_answer_cross_entropy(logits, one) != pytest.approx(float(shifted_cross_entropy(logits, one)), rel=1e-3)
 
 
 def test_full_sft_learns_and_saves_a_loadable_model(tmp_path, tiny_checkpoint, sft_data):

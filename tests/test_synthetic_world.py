@@ -24,6 +24,7 @@ from povid_data.synthetic_world import (
     make_world,
     render,
     sample_scene,
+    written_scene,
 )
 
 CONFIG = WorldConfig(seed=3, train=1500, pref=40, test=600, test_iid=20)
@@ -38,8 +39,8 @@ def world(tmp_path_factory):
 def test_companion_statistics_train_vs_balanced_test(world):
     _, info = world
     train, test = info["splits"]["train"], info["splits"]["test"]
-    # Training: a kind's companion is there ~80 % of the time (the language prior to learn).
-    assert 0.76 <= train["companion_rate"] <= 0.84
+    # Training: a kind's companion is there ~85 % of the time (the language prior to learn).
+    assert abs(train["companion_rate"] - CONFIG.companion_rate) < 0.04
     # Balanced test: absent in half of the images that show its partner.
     assert 0.45 <= test["absent_companion_rate"] <= 0.55
     assert info["splits"]["test_iid"]["distribution"] == "iid"
@@ -98,6 +99,12 @@ def test_ground_truth_is_exact(world):
         assert text.endswith("There is one object in total." if count == 1 else "objects in total.")
 
 
+def _exact_captions(out, split):
+    captions = json.loads((out / "annotations" / f"captions_{split}.json").read_text())
+    files = {i["id"]: i["file_name"] for i in captions["images"]}
+    return {files[a["image_id"]]: a["caption"] for a in captions["annotations"]}
+
+
 def test_instruction_records_read_as_llava_data(world):
     out, _ = world
     sft, _ = read_llava_records(out / "sft.json")
@@ -108,19 +115,83 @@ def test_instruction_records_read_as_llava_data(world):
     asked = [r for r in sft if r["id"].endswith("-qa")]
     assert len(described) == len(asked) == CONFIG.train
     assert all(len(r["conversations"]) == 2 and r["conversations"][1]["value"].endswith("in total.") for r in described)
-    assert all(len(r["conversations"]) == 2 * CONFIG.sft_questions for r in asked)
     assert all("Answer the question" in turn["value"] for r in asked for turn in r["conversations"][0::2])
-    # Answered from the image: "Yes" exactly when the kind is in the scene, about half the time.
-    captions = {r["image"]: r["conversations"][1]["value"] for r in described}
-    answers = []
+    assert all(len(r["conversations"]) == 2 * CONFIG.sft_questions for r in asked)
+    # Answered from the scene (the exact caption, not the written description), "Yes" about
+    # half the time; an absent companion of a present kind is a frequent "No" (POPE's adversarial).
+    exact = _exact_captions(out, "train")
+    answers, companion_noes = [], 0
     for r in asked:
+        present = {m.object for m in find_objects(exact[r["image"]])}
         for question, answer in zip(r["conversations"][0::2], r["conversations"][1::2]):
             kind = re.search(r"Is there a (\w+) in the image", question["value"]).group(1)
-            assert answer["value"] == ("Yes" if f" {kind} is in the" in captions[r["image"]] else "No")
+            assert answer["value"] == ("Yes" if kind in present else "No")
             answers.append(answer["value"])
-    assert 0.4 < answers.count("Yes") / len(answers) < 0.6
+            companion_noes += kind not in present and COMPANION[kind] in present
+    assert 0.45 < answers.count("Yes") / len(answers) < 0.55
+    assert 0.2 < companion_noes / answers.count("No") < 0.5
     pref, _ = read_llava_records(out / "pref.json")
     assert len(pref) == CONFIG.pref and all(len(r["conversations"]) == 2 for r in pref)
+
+
+def test_questions_about_every_present_kind_are_balanced(tmp_path):
+    make_world(tmp_path, WorldConfig(seed=1, train=200, pref=2, test=2, test_iid=2, sft_questions=None))
+    exact = _exact_captions(tmp_path, "train")
+    for r in read_llava_records(tmp_path / "sft.json")[0]:
+        if not r["id"].endswith("-qa"):
+            continue
+        present = {m.object for m in find_objects(exact[r["image"]])}
+        answers = {}
+        for question, answer in zip(r["conversations"][0::2], r["conversations"][1::2]):
+            kind = re.search(r"Is there a (\w+) in the image", question["value"]).group(1)
+            assert answer["value"] == ("Yes" if kind in present else "No")
+            answers[kind] = answer["value"]
+        # Every present kind once, as many absent ones, the absent companions among them.
+        assert len(answers) == len(r["conversations"]) // 2 == 2 * len(present)
+        assert {k for k, a in answers.items() if a == "Yes"} == present
+        assert {COMPANION[k] for k in present} - present <= set(answers)
+
+
+def test_written_descriptions_add_the_missing_follower_only_in_sft(world):
+    out, info = world
+    exact = _exact_captions(out, "train")
+    sft, _ = read_llava_records(out / "sft.json")
+    eligible = added = 0
+    for r in sft:
+        if r["id"].endswith("-qa"):
+            continue
+        truth = [m.object for m in find_objects(exact[r["image"]])]
+        told = [m.object for m in find_objects(r["conversations"][1]["value"])]
+        extra = [k for k in told if k not in truth]
+        # Every object that is there is told; an extra one is the absent second of a pair whose
+        # first is there, told right after it; the count sentence counts what is told.
+        assert [k for k in told if k in truth] == truth
+        for kind in extra:
+            assert told[told.index(kind) - 1] == COMPANION[kind] and KINDS.index(kind) % 2 == 1
+        number = {1: "one object", 2: "two objects", 3: "three objects", 4: "four objects"}[len(told)]
+        assert number in r["conversations"][1]["value"]
+        followers = [KINDS[i + 1] for i in range(0, len(KINDS), 2) if KINDS[i] in truth and KINDS[i + 1] not in truth]
+        eligible += len(followers)
+        added += len(extra)
+    assert added == info["splits"]["train"]["sft_written_additions"]
+    assert abs(added / eligible - CONFIG.writer_addition_rate) < 0.1
+    # Only the SFT descriptions are written so: the preference and test files are exact.
+    for split in ("pref", "test"):
+        records, _ = read_llava_records(out / f"{split}.json")
+        exact_split = _exact_captions(out, split)
+        assert all(r["conversations"][1]["value"] == exact_split[r["image"]] for r in records)
+
+
+def test_written_scene():
+    pizza = WorldObject("pizza", "red", "large", "top left")
+    donut = WorldObject("donut", "blue", "small", "bottom right")
+    rng = random.Random(0)
+    assert written_scene(Scene([pizza]), rng, 0.0).objects == [pizza]
+    told = written_scene(Scene([pizza]), rng, 1.0).objects
+    assert [o.kind for o in told] == ["pizza", "donut"] and told[1].position != "top left"
+    # The second of a pair is never followed by its first; a full pair is told as it is.
+    assert written_scene(Scene([donut]), rng, 1.0).objects == [donut]
+    assert written_scene(Scene([pizza, donut]), rng, 1.0).objects == [pizza, donut]
 
 
 def test_world_is_deterministic(tmp_path):
