@@ -93,7 +93,7 @@ def test_text_that_is_not_a_caption_raises_a_clear_error(text, match):
 
 
 def test_max_caption_objects_is_what_caption_can_say():
-    assert max_caption_objects() == 3  # the caption names counts up to "three"
+    assert max_caption_objects() == 4  # the caption names counts up to "four", one per quadrant
     assert all(len(s.objects) <= max_caption_objects() for s in _scenes(500))
 
 
