@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from povid.audit import headline
-from povid_data.synthetic_world import COMPANION, WorldConfig, addition_templates
+from povid_data.synthetic_world import COMPANION, WorldConfig
 
 __all__ = [
     "DemoSettings",
@@ -245,12 +245,12 @@ class Demo:
     # -- 3. stage 1
 
     def stage1(self, name: str = "stage1", extra: Sequence[str] = ()) -> Path:
-        """``tune run povid_hallucinate`` (rules backend) on the preference images' captions;
+        """``tune run povid_hallucinate`` (the world backend) on the preference images' captions;
         ``extra`` overrides go after the settings' (``name`` then keeps that variant apart)."""
         out = self.out / name
         overrides = [f"data_file={self.world_dir / 'pref.json'}", f"output_dir={out}",
                      f"seed={self.settings.world.seed}", *self.settings.stage1_overrides, *extra]  # fmt: skip
-        self._run(name, "3/6 povid_hallucinate (rules): stage 1, hallucinated rewrites",
+        self._run(name, "3/6 povid_hallucinate (world backend): stage 1, hallucinated rewrites",
                   tune_command("povid_hallucinate", "povid_hallucinate_rules", overrides), out)  # fmt: skip
         return out / "preferences.jsonl"
 
