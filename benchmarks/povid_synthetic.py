@@ -1,13 +1,15 @@
 """POVID on the synthetic world, several seeds: does it cut hallucination, and against what?
 
 For each seed, the demo chain at full size (``povid demo``'s stages, each a ``tune run``):
-world, base model (``llava_sft``), stage 1 (``rules``), stage 2 (``povid_distort``), then four
-models, each evaluated with ``povid_eval`` (CHAIR on the held-out balanced test split, POPE on
+world, base model (``llava_sft``), stage 1 (the ``world`` backend), stage 2 (``povid_distort``),
+then five models, each evaluated with ``povid_eval`` (CHAIR on the held-out balanced test split, POPE on
 the same images):
 
 - ``base``: the SFT model;
 - ``povid``: ``povid_dpo`` with text and noise dispreferred answers (the demo's settings);
 - ``dpo_text``: the same, text dispreferred only (``objective=dpo``, ``noise.source=none``);
+- ``dpo_noise``: the same, noise dispreferred only (``objective.beta1=0``: the margin is the
+  chosen log-ratio minus the noise answer's; the paper's "image distortion only" ablation);
 - ``sft_more``: a control that continues ``llava_sft`` on the same preference images' ground
   truth for the same compute (as many steps, as many rows per step as DPO scores: chosen,
   rejected and noise answer of each record; at DPO's learning rate).
@@ -41,7 +43,7 @@ from povid.metrics.report import read_results
 from povid.world_criteria import base_criteria, criteria_as_dict
 from povid_data.synthetic_world import make_world
 
-VARIANTS = ("base", "povid", "dpo_text", "sft_more")
+VARIANTS = ("base", "povid", "dpo_text", "dpo_noise", "sft_more")
 METRICS = [
     ("chair_s", "CHAIR_S %"), ("chair_i", "CHAIR_I %"), ("recall", "recall %"),
     ("companion", "companion %"), ("pope_f1", "POPE F1 %"), ("pope_adversarial_f1", "POPE adv F1 %"),
@@ -115,6 +117,10 @@ def run_seed(
             base, stage2, name=f"dpo_text{suffix}", title=f"povid_dpo: dpo_text{suffix}",
             extra=[*dpo_extra, "objective.objective=dpo", "noise.source=none"],
         ),  # fmt: skip
+        "dpo_noise": pairs.dpo(
+            base, stage2, name=f"dpo_noise{suffix}", title=f"povid_dpo: dpo_noise{suffix}",
+            extra=[*dpo_extra, "objective.beta1=0"],
+        ),  # fmt: skip
     }
     # Same compute as DPO: as many optimizer steps, each on as many rows (3 answers per record).
     n_pref = settings.world.pref
@@ -126,7 +132,8 @@ def run_seed(
         epochs=math.ceil(dpo_steps * rows / n_pref), max_steps=dpo_steps, lr=float(lr),
         title="llava_sft: same-compute SFT control",
     )  # fmt: skip
-    names = {"base": "base", "povid": f"povid{suffix}", "dpo_text": f"dpo_text{suffix}", "sft_more": "sft_more"}
+    names = {"base": "base", "povid": f"povid{suffix}", "dpo_text": f"dpo_text{suffix}",
+             "dpo_noise": f"dpo_noise{suffix}", "sft_more": "sft_more"}  # fmt: skip
     return {variant: demo.evaluate(model, names[variant], title="povid_eval") for variant, model in models.items()}
 
 

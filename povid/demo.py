@@ -75,6 +75,7 @@ class DemoSettings:
     # Every answer weighs the same: with the token mean a one-word yes/no answer is a few per
     # cent of the loss next to a description, and the base never learns to answer from the image.
     sft_loss_per_answer: bool = True
+    sft_overrides: List[str] = field(default_factory=list)  # extra llava_sft key=value, after the above
     dpo_config: str = "povid_tiny_full"
     dpo_batch_size: int = 16
     dpo_epochs: int = 1
@@ -239,7 +240,8 @@ class Demo:
         steps = max_steps if max_steps is not None else s.sft_max_steps
         if steps is not None:
             overrides["max_steps"] = steps
-        self._run(name, title, tune_command("llava_sft", "llava_sft_tiny_full", overrides), out)
+        command = tune_command("llava_sft", "llava_sft_tiny_full", overrides) + list(s.sft_overrides)
+        self._run(name, title, command, out)
         return out / "final" / "model"
 
     # -- 3. stage 1
