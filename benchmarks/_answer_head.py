@@ -18,7 +18,7 @@ are -100 on the system prompt, the question and the 576 image placeholders), so 
 
 Numerically it is the same computation restricted to the rows of the logit matrix that are
 used: the first step's loss is identical and a few LoRA steps later losses agree to ~1e-4
-relative (fp32 summation order), for dpo, povid and povid_reference, dataset or online noise,
+relative (fp32 summation order), for dpo, povid and povid_released, dataset or online noise,
 clean or noisy condition. It is installed by
 monkeypatching ``POVIDDPORecipe._row_logps`` / ``_online_noise_logps`` in the benchmark's own
 process only; the recipe file is not touched.

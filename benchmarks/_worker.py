@@ -156,7 +156,7 @@ def run_ours(a, ws, timers: Timers, clock: StepClock) -> dict:
         f"checkpoint_dir={ws.checkpoint_dir}", f"data_file={ws.data_file}",
         f"image_dir={ws.image_dir}", f"output_dir={out}", f"batch_size={a.batch}",
         f"max_seq_len={a.seq_len}", "epochs=1", f"max_steps={a.warmup + a.steps}",
-        "save_merged=false", f"objective.objective={a.objective}", f"noise.source={a.noise}",
+        "save_merged=false", f"loss.objective={a.objective}", f"noise.source={a.noise}",
         f"reference.precompute={str(a.precompute).lower()}",
         f"enable_activation_checkpointing={str(a.ac).lower()}", "log_every_n_steps=100000",
         f"seed={a.seed}",
@@ -368,7 +368,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--side", choices=["ours", "trl"], required=True)
     p.add_argument("--method", choices=["lora", "full"], default="lora")
-    p.add_argument("--objective", default="dpo", choices=["dpo", "povid", "povid_reference"])
+    p.add_argument("--objective", default="dpo", choices=["dpo", "povid", "povid_released"])
     p.add_argument("--noise", default="none", choices=["none", "dataset", "online"])
     p.add_argument("--precompute", action="store_true")
     p.add_argument("--ac", action="store_true", help="activation (gradient) checkpointing")

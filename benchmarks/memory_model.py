@@ -49,7 +49,7 @@ def config_settings(name: str) -> dict:
     model = cfg.model
     full = "lora" not in model._component_
     method = "full" if full else ("qlora" if model.get("quantize_base") else "lora")
-    objective = cfg.objective.objective
+    objective = cfg.loss.objective
     noise = cfg.noise.source
     uses_noise = objective != "dpo"
     # Dataset noise answers are a third row whenever the dataset has them (even for dpo).
@@ -67,7 +67,7 @@ def config_settings(name: str) -> dict:
         lora_attn_modules=tuple(model.get("lora_attn_modules", ["q_proj", "k_proj", "v_proj", "output_proj"])),
         apply_lora_to_mlp=bool(model.get("apply_lora_to_mlp", True)),
         apply_lora_to_output=bool(model.get("apply_lora_to_output", False)),
-        projector_trainable=bool(cfg.get("projector_trainable", False)),
+        projector_trainable=bool(model.get("projector_trainable", False)),
         batch_size=int(cfg.batch_size),
         seq_len=int(cfg.max_seq_len),
         rows_per_example=rows,
@@ -185,7 +185,7 @@ CHECKS = [
     ("LoRA dpo, batch 1, 512 tok", ["--batch", "1", "--seq-len", "512"], {"batch_size": 1, "seq_len": 512}),
     ("LoRA dpo, batch 1, 2048 tok", ["--batch", "1", "--seq-len", "2048"], {"batch_size": 1, "seq_len": 2048}),
     ("LoRA povid, dataset noise", ["--objective", "povid", "--noise", "dataset"], {"rows_per_example": 3}),
-    ("LoRA povid_ref, online noise", ["--objective", "povid_reference", "--noise", "online"], {"online_noise": True}),
+    ("LoRA povid_ref, online noise", ["--objective", "povid_released", "--noise", "online"], {"online_noise": True}),
     ("LoRA dpo, precomputed ref", ["--precompute"], {"precomputed_reference": True}),
     ("full dpo, AC off", ["--method", "full"], {"method": "full", "projector_trainable": True}),
 ]

@@ -8,7 +8,7 @@ the same images):
 - ``base``: the SFT model;
 - ``povid``: ``povid_dpo`` with text and noise dispreferred answers (the demo's settings);
 - ``dpo_text``: the same, text dispreferred only (``objective=dpo``, ``noise.source=none``);
-- ``dpo_noise``: the same, noise dispreferred only (``objective.beta1=0``: the margin is the
+- ``dpo_noise``: the same, noise dispreferred only (``loss.beta1=0``: the margin is the
   chosen log-ratio minus the noise answer's; the paper's "image distortion only" ablation);
 - ``sft_more``: a control that continues ``llava_sft`` on the same preference images' ground
   truth for the same compute (as many steps, as many rows per step as DPO scores: chosen,
@@ -22,7 +22,7 @@ Prints mean and spread (sample standard deviation over seeds) and writes ``resul
     python benchmarks/povid_synthetic.py --base-only --seeds 0 1 2   # the base criteria only
 
 Extra ``povid_dpo`` overrides for the two DPO variants (``--dpo key=value ...``) go after the
-demo's, e.g. ``--dpo objective.beta=0.5``, and ``povid_hallucinate`` overrides (``--stage1
+demo's, e.g. ``--dpo loss.beta=0.5``, and ``povid_hallucinate`` overrides (``--stage1
 rules.max_edits=1``) make a variant with its own stage 1 and 2 data; ``--tag`` names the variant.
 """
 
@@ -115,11 +115,11 @@ def run_seed(
         "povid": pairs.dpo(base, stage2, name=f"povid{suffix}", extra=dpo_extra, title=f"povid_dpo: povid{suffix}"),
         "dpo_text": pairs.dpo(
             base, stage2, name=f"dpo_text{suffix}", title=f"povid_dpo: dpo_text{suffix}",
-            extra=[*dpo_extra, "objective.objective=dpo", "noise.source=none"],
+            extra=[*dpo_extra, "loss.objective=dpo", "noise.source=none"],
         ),  # fmt: skip
         "dpo_noise": pairs.dpo(
             base, stage2, name=f"dpo_noise{suffix}", title=f"povid_dpo: dpo_noise{suffix}",
-            extra=[*dpo_extra, "objective.beta1=0"],
+            extra=[*dpo_extra, "loss.beta1=0"],
         ),  # fmt: skip
     }
     # Same compute as DPO: as many optimizer steps, each on as many rows (3 answers per record).

@@ -16,6 +16,7 @@ the registry.
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import importlib.resources
 import importlib.util
@@ -134,6 +135,7 @@ def load_config(argv: Sequence[str] | None = None, description: str | None = Non
         command-line overrides.
     """
     # Imported here because importing torchtune takes seconds (see module docstring).
+    from omegaconf import OmegaConf
     from torchtune.config._parse import TuneRecipeArgumentParser
     from torchtune.config._utils import _merge_yaml_and_cli_args
 
@@ -147,9 +149,77 @@ def load_config(argv: Sequence[str] | None = None, description: str | None = Non
         # Unknown `--flags`, a bad `~key` or an override without exactly one "=" raise
         # ValueError in torchtune: report them as usage errors, like any argparse mistake.
         yaml_args, cli_args = parser.parse_known_args(argv)
+        # torchtune's parser drops the path once the YAML's keys are its defaults.
+        check_override_keys(OmegaConf.create(vars(yaml_args)), cli_args)
         return _merge_yaml_and_cli_args(yaml_args, cli_args)
     except ValueError as err:
         parser.error(str(err))
+
+
+# Keys our configs used to have -> where the value lives now. An old key on the command line
+# stops with the new name, not with a generic "unknown key".
+RENAMED_KEYS: dict[str, str] = {
+    "objective": "loss",
+    "projector_trainable": "model.projector_trainable",
+}
+
+
+def _config_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a loaded YAML config (blocks and leaves), in file order."""
+    from omegaconf import DictConfig
+
+    keys: list[str] = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            dotted = f"{prefix}{key}"
+            keys.append(dotted)
+            keys.extend(_config_keys(node._get_node(key), dotted + "."))
+    return keys
+
+
+def _renamed(key: str) -> str | None:
+    """The current name of ``key`` if it (or the block it is in) was renamed, else None."""
+    for old, new in RENAMED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return None
+
+
+def check_override_keys(yaml_cfg: "DictConfig", overrides: Sequence[str], config_file: str = "") -> None:
+    """Reject command-line overrides whose key the config does not have.
+
+    OmegaConf adds any key it is given, so without this check a typo (``los.beta=0.2``) or
+    another toolkit's name for a setting is silently ignored and the run trains with the
+    default. A key inside a ``_component_`` block is allowed: it becomes a keyword argument of
+    that component (a user's own builder may take more), and instantiation rejects one the
+    component does not accept. Renamed keys (:data:`RENAMED_KEYS`) name their new key.
+
+    Args:
+        yaml_cfg: the config file as loaded, before the overrides.
+        overrides: torchtune's command-line items (``key=value`` or ``~key``).
+        config_file: named in the error.
+
+    Raises:
+        ValueError: an unknown key; the message names it and the closest valid key.
+    """
+    known = _config_keys(yaml_cfg)
+    known_set = set(known)
+    override_keys = [item.lstrip("~").split("=", 1)[0] for item in overrides]
+    # A `_component_` given on the command line opens its block to new keyword arguments too.
+    components = {k.rsplit(".", 1)[0] for k in [*known, *override_keys] if k.endswith("._component_")}
+    for key in override_keys:
+        if key in known_set:
+            continue
+        parts = key.split(".")
+        if any(".".join(parts[:i]) in components for i in range(1, len(parts))):
+            continue
+        where = f" in {config_file}" if config_file else ""
+        new = _renamed(key)
+        if new is not None:
+            raise ValueError(f"config: {key!r} was renamed: use {new!r}")
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else " (no key of that config is close; the config file lists them all)"
+        raise ValueError(f"config: unknown key {key!r}{where}{hint}")
 
 
 def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:

@@ -83,9 +83,9 @@ class DemoSettings:
     dpo_overrides: List[str] = field(
         default_factory=lambda: [
             "optimizer.lr=1e-5",
-            "objective.objective=povid",
-            "objective.chosen_nll_weight=1.0",  # at 0 the chosen answers' likelihood collapses
-            "projector_trainable=false",  # as POVID's released code: the LLM alone learns
+            "loss.objective=povid",
+            "loss.chosen_nll_weight=1.0",  # at 0 the chosen answers' likelihood collapses
+            "model.projector_trainable=false",  # as POVID's released code: the LLM alone learns
             "reference.precompute=true",
         ]
     )

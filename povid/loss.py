@@ -5,7 +5,7 @@ With ``r(y) = log pi_theta(y | x) - log pi_ref(y | x)`` (summed over answer toke
 - ``dpo``: text pairs only, ``f(r_w - r_text)``;
 - ``povid`` (the paper, one sigmoid): ``f(alpha * r_w - (beta1 * r_text + beta2 * r_noise))``;
   examples without a noise answer drop the ``beta2`` term;
-- ``povid_reference`` (the released code): ``0.5 * f(r_w - r_text) + 0.5 * f(r_w - r_noise)``;
+- ``povid_released`` (the released code): ``0.5 * f(r_w - r_text) + 0.5 * f(r_w - r_noise)``;
   examples without a noise answer keep only the text term.
 
 ``f`` is the pairwise loss on the scaled margin ``h``: ``sigmoid`` (DPO, with optional label
@@ -16,6 +16,7 @@ chosen answer (mean per token) guards against likelihood collapse.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -32,7 +33,9 @@ __all__ = [
     "answer_logprobs",
 ]
 
-OBJECTIVES = ("dpo", "povid", "povid_reference")
+OBJECTIVES = ("dpo", "povid", "povid_released")
+# Old name -> current one (``povid_reference`` read as "reference model"; it is the released code's).
+DEPRECATED_OBJECTIVES = {"povid_reference": "povid_released"}
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
@@ -74,7 +77,7 @@ class POVIDLoss:
     """The preference objective, chosen and weighted by config.
 
     Args:
-        objective: ``dpo``, ``povid`` or ``povid_reference``.
+        objective: ``dpo``, ``povid`` or ``povid_released``.
         beta: inverse temperature of the log-ratio margin (0.1 in POVID).
         alpha, beta1, beta2: weights of the chosen, text and noise log-ratios (``povid`` only).
         loss_type: ``sigmoid``, ``ipo`` or ``hinge``.
@@ -93,6 +96,11 @@ class POVIDLoss:
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.objective in DEPRECATED_OBJECTIVES:
+            new = DEPRECATED_OBJECTIVES[self.objective]
+            warnings.warn(f"objective {self.objective!r} is deprecated: use {new!r} (the same loss)",
+                          DeprecationWarning, stacklevel=2)  # fmt: skip
+            self.objective = new
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.loss_type not in LOSS_TYPES:

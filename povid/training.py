@@ -28,6 +28,8 @@ from povid_data.transforms import IGNORE_INDEX
 __all__ = [
     "is_lora_model",
     "set_trainable",
+    "built_projector_trainable",
+    "lora_rank_alpha",
     "trainable_state_keys",
     "upcast_trainable",
     "mixed_precision",
@@ -84,6 +86,28 @@ def set_trainable(model: nn.Module, *, projector_trainable: bool) -> Set[str]:
         names |= set(get_fusion_params(model))
     set_trainable_params(model, names)
     return names
+
+
+def built_projector_trainable(model: nn.Module) -> bool:
+    """Whether ``model`` was built with a trainable projector (``model.projector_trainable`` in
+    a config). Read from its parameters before :func:`set_trainable`, so that the config says
+    it in one place and the recipe follows what was built."""
+    return any(p.requires_grad for p in get_fusion_params(model).values())
+
+
+def lora_rank_alpha(model: nn.Module) -> Tuple[int, float]:
+    """``(rank, alpha)`` of the LoRA / DoRA adapters of ``model``, as built (the merge scale is
+    ``alpha / rank``). Raises ValueError when the model has no adapter, or adapters of
+    different scales (one merge scale would be wrong for some of them)."""
+    found = set()
+    for module in model.modules():
+        if hasattr(module, "lora_a") and hasattr(module, "lora_b"):
+            rank = module.lora_a.out_features
+            scale = module.scaling if hasattr(module, "scaling") else module.alpha / module.rank
+            found.add((rank, float(scale * rank)))
+    if len(found) != 1:
+        raise ValueError(f"expected LoRA adapters of one rank and alpha, found {sorted(found) or 'none'}")
+    return found.pop()
 
 
 def trainable_state_keys(trainable: Set[str]) -> Set[str]:
@@ -490,8 +514,8 @@ def save_step_checkpoint(
     lora: bool,
     save_model: bool,
     save_dtype: Optional[torch.dtype] = None,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
+    lora_rank: int = 1,
+    lora_alpha: float = 1.0,
     adapter_config: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Write ``step_dir``: ``adapter/`` (LoRA), ``model/`` (merged llava-hf weights, when
@@ -500,7 +524,8 @@ def save_step_checkpoint(
     ``trainable`` names what trains; their (fp32 master) values are kept in the recipe state
     for an exact resume. ``checkpointer`` is the run's :class:`povid.checkpoint.LlavaCheckpointer`
     (its output dir is ``step_dir``'s parent); the model is merged against the weights it loads
-    (:func:`merged_for_save`) and saved in ``save_dtype`` (``None``: the checkpoint's own)."""
+    (:func:`merged_for_save`) and saved in ``save_dtype`` (``None``: the checkpoint's own).
+    ``lora_rank`` and ``lora_alpha`` scale the merge of a LoRA model (:func:`lora_rank_alpha`)."""
     trainable = trainable_state_keys(trainable)
     trained = {k: v for k, v in state.items() if k in trainable}
     if lora:
@@ -570,8 +595,6 @@ def save_training_checkpoint(
     save_dtype: Optional[torch.dtype],
     distributed: bool,
     is_rank_zero: bool,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
     adapter_config: Optional[Dict[str, Any]] = None,
 ) -> None:
     """A recipe's whole checkpoint at ``step_dir`` (``output_dir/step_N``), on any world size:
@@ -586,10 +609,13 @@ def save_training_checkpoint(
     else:
         optimizer_state = optimizer.state_dict()
     if is_rank_zero:
+        # The merge scale comes from the adapters that were built, not from a second copy of
+        # the config's rank and alpha.
+        rank, alpha = lora_rank_alpha(model) if lora else (1, 1.0)
         save_step_checkpoint(
             checkpointer, step_dir, state, trainable, {**progress, "optimizer": optimizer_state},
-            lora=lora, save_model=save_model or final, save_dtype=save_dtype, lora_rank=lora_rank,
-            lora_alpha=lora_alpha, adapter_config=adapter_config,
+            lora=lora, save_model=save_model or final, save_dtype=save_dtype, lora_rank=rank,
+            lora_alpha=alpha, adapter_config=adapter_config,
         )  # fmt: skip
         if final:
             link_final(step_dir.parent, step_dir)

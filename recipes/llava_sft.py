@@ -59,6 +59,7 @@ from povid.training import (
     restore_step_checkpoint,
     run_length,
     save_training_checkpoint,
+    built_projector_trainable,
     set_trainable,
     set_vision_trainable,
     shard_llava,
@@ -109,7 +110,7 @@ class LlavaSFTRecipe:
         for module in self.model.modules():
             if hasattr(module, "initialize_dora_magnitude"):  # DoRA starts from ||W||
                 module.initialize_dora_magnitude()
-        self.trainable = set_trainable(self.model, projector_trainable=bool(cfg.projector_trainable))
+        self.trainable = set_trainable(self.model, projector_trainable=built_projector_trainable(self.model))
         if cfg.get("vision_trainable", False):
             self.trainable = set_vision_trainable(self.model, self.trainable)
         upcast_trainable(self.model, self.trainable, self.trainable_dtype)
@@ -274,8 +275,6 @@ class LlavaSFTRecipe:
             save_dtype=training.get_dtype(cfg.save_dtype, device=self.device) if cfg.get("save_dtype") else None,
             distributed=self.distributed,
             is_rank_zero=self.is_rank_zero,
-            lora_rank=cfg.model.get("lora_rank", 8),
-            lora_alpha=cfg.model.get("lora_alpha", 16),
             adapter_config=OmegaConf.to_container(cfg.adapter_config) if cfg.get("adapter_config") else {},
         )
         if self.is_rank_zero:

@@ -20,7 +20,7 @@ dataset or computed online — noise answers):
 4. the reference is the same model with adapters disabled (LoRA; a frozen copy of a trainable
    projector) or a frozen copy (full); its log-probs can be precomputed once and cached (a full
    fine-tuning run then frees its frozen copy, unless online noise still needs it);
-5. the objective (``povid``, ``povid_reference``, ``dpo``; sigmoid/IPO/hinge) gives the loss.
+5. the objective (``povid``, ``povid_released``, ``dpo``; sigmoid/IPO/hinge) gives the loss.
 
 Checkpoints (``${output_dir}/step_N``): adapters, merged llava-hf model, recipe state;
 ``resume_from_checkpoint=True`` continues from the newest one exactly.
@@ -76,6 +76,7 @@ from povid.training import (
     row_logits,
     run_length,
     save_training_checkpoint,
+    built_projector_trainable,
     set_trainable,
     shard_llava,
     upcast_trainable,
@@ -143,7 +144,7 @@ class POVIDDPORecipe:
         for module in self.model.modules():
             if hasattr(module, "initialize_dora_magnitude"):  # DoRA starts from ||W||
                 module.initialize_dora_magnitude()
-        self.projector_trainable = bool(cfg.get("projector_trainable", False))
+        self.projector_trainable = built_projector_trainable(self.model)
         self.trainable = set_trainable(self.model, projector_trainable=self.projector_trainable)
         self.projector_params = list(image_encoder(self.model).projector.parameters())
         if cfg.get("disable_dropout", True):
@@ -176,7 +177,7 @@ class POVIDDPORecipe:
         self._setup_data()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, params)
-        self.loss_fn: POVIDLoss = config.instantiate(cfg.objective)
+        self.loss_fn: POVIDLoss = config.instantiate(cfg.loss)
         self.online_noise = self.noise_source == "online" and self.loss_fn.uses_noise
         if self.loss_fn.uses_noise and self.noise_source == "none":
             log.warning("noise.source=none: the noise term of the objective is dropped")
@@ -565,8 +566,6 @@ class POVIDDPORecipe:
             save_dtype=training.get_dtype(cfg.save_dtype, device=self.device) if cfg.get("save_dtype") else None,
             distributed=self.distributed,
             is_rank_zero=self.is_rank_zero,
-            lora_rank=cfg.model.get("lora_rank", 8),
-            lora_alpha=cfg.model.get("lora_alpha", 16),
             adapter_config=OmegaConf.to_container(cfg.adapter_config) if cfg.get("adapter_config") else {},
         )
         if self.is_rank_zero:

@@ -126,7 +126,7 @@ def _full_logits_noise(self, model, chosen_logits, batch, chosen_rows, *, refere
         ("povid_tiny_lora", []),
         ("povid_tiny_lora", ["noise.source=online"]),
         ("povid_tiny_lora", ["noise.source=online", "noise.argmax=separate", "noise.condition=noisy"]),
-        ("povid_tiny_full", ["noise.source=online", "objective.objective=povid_reference"]),
+        ("povid_tiny_full", ["noise.source=online", "loss.objective=povid_released"]),
     ],
 )
 def test_recipe_losses_equal_the_full_logits_recipe(

@@ -20,8 +20,8 @@ BASE_PARAMS = {"7b": 7_063_427_072, "13b": 13_351_494_656}
 def test_training_configs_have_override_keys_and_a_valid_objective(name):
     cfg = OmegaConf.load(resolve_config(name))
     assert TRAINING_KEYS <= set(cfg), TRAINING_KEYS - set(cfg)
-    loss = tt_config.instantiate(cfg.objective)
-    assert loss.objective in ("povid", "povid_reference", "dpo")
+    loss = tt_config.instantiate(cfg.loss)
+    assert loss.objective in ("povid", "povid_released", "dpo")
     assert cfg.noise.source in ("dataset", "online", "none")
     for key, choices in SETTING_CHOICES.items():  # what povid_dpo checks at start
         check_choice(cfg, key, choices)

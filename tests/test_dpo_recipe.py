@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import povid_dpo
 from povid.checkpoint import load_llava
@@ -91,11 +92,11 @@ def test_full_finetuning_frees_its_reference_copy_once_log_probs_are_cached(
 @pytest.mark.parametrize(
     "config, overrides",
     [
-        ("povid_tiny_lora", ["noise.source=online", "objective.objective=povid_reference"]),
+        ("povid_tiny_lora", ["noise.source=online", "loss.objective=povid_released"]),
         ("povid_tiny_lora", ["noise.source=online", "noise.argmax=separate", "noise.condition=noisy"]),
-        ("povid_tiny_lora", ["model.use_dora=true", "projector_trainable=true"]),
+        ("povid_tiny_lora", ["model.use_dora=true", "model.projector_trainable=true"]),
         ("povid_tiny_qlora", []),
-        ("povid_tiny_full", ["objective.objective=dpo", "noise.source=none"]),
+        ("povid_tiny_full", ["loss.objective=dpo", "noise.source=none"]),
     ],
 )
 def test_variants_train_and_save_a_loadable_merged_model(tmp_path, tiny_checkpoint, preference_data, config, overrides):
@@ -110,6 +111,18 @@ def test_variants_train_and_save_a_loadable_merged_model(tmp_path, tiny_checkpoi
         k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])
     ]
     assert changed and all(k.startswith(("decoder.", "tok_embeddings", "encoders.image.projector")) for k in changed)
+
+
+def test_config_blocks_reach_the_run(tmp_path, tiny_checkpoint, preference_data):
+    """`loss.beta` is the loss's beta (as logged), and `model.projector_trainable=true`, the
+    model block's one switch, trains the projector (a top-level copy used to override it)."""
+    _run("povid_tiny_lora", tiny_checkpoint, preference_data, tmp_path, "max_steps=2", "loss.beta=0.2",
+         "model.projector_trainable=true", "optimizer.lr=1e-2")  # fmt: skip
+    logged = OmegaConf.load(tmp_path / "torchtune_config.yaml")
+    assert logged.loss.beta == 0.2 and logged.model.projector_trainable is True
+    merged, base = load_llava(tmp_path / "step_2" / "model").state_dict(), load_llava(tiny_checkpoint).state_dict()
+    projector = [k for k in base if k.startswith("encoders.image.projector")]
+    assert projector and all(not torch.equal(merged[k], base[k]) for k in projector)
 
 
 def test_non_finite_loss_stops_and_names_last_checkpoint(tmp_path, tiny_checkpoint, preference_data, monkeypatch):

@@ -41,8 +41,8 @@ def test_povid_paper_single_sigmoid_with_weights():
     assert fn.metrics["rewards/noise"].item() == pytest.approx(0.5 * R_NOISE[0])
 
 
-def test_povid_reference_two_sigmoids():
-    loss = POVIDLoss(objective="povid_reference", beta=0.1)(_logprobs())
+def test_povid_released_two_sigmoids():
+    loss = POVIDLoss(objective="povid_released", beta=0.1)(_logprobs())
     first = 0.5 * -_log_sigmoid(0.1 * (R_W[0] - R_TEXT[0])) + 0.5 * -_log_sigmoid(
         0.1 * (R_W[0] - R_NOISE[0])
     )

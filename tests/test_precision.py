@@ -114,7 +114,7 @@ def test_reference_cache_recomputes_on_any_setting_that_changes_it(tmp_path, tin
         return len(_cache_files(tmp_path / "out"))
 
     assert setup() == 1
-    assert setup(preference_data, "optimizer.lr=5e-4", "objective.beta=0.2") == 1  # reused
+    assert setup(preference_data, "optimizer.lr=5e-4", "loss.beta=0.2") == 1  # reused
     changes = [
         ("noise.condition=noisy",), ("noise.step=400",), ("noise.overflow=wrap", "noise.condition=noisy"),
         ("noise.stage2_seed=3", "noise.condition=noisy"), ("max_seq_len=400",), ("image_mode=crop",),

@@ -25,13 +25,13 @@ RELEASED = {
     "model.lora_attn_modules": (["q_proj", "k_proj", "v_proj", "output_proj"],) * 2,
     "model.apply_lora_to_mlp": (True, True),
     "model.apply_lora_to_output": (False, False),  # find_all_linear_names skips lm_head
-    "projector_trainable": (False, False),
+    "model.projector_trainable": (False, False),
     "clip_grad_norm": (None, None),  # zero2.json sets no gradient_clipping: DeepSpeed's 0
     "dtype": ("bf16", "bf16"),
     "trainable_dtype": ("fp32", "fp32"),  # DeepSpeed bf16 keeps fp32 master weights
-    "objective.objective": ("dpo", "povid_reference"),
-    "objective.beta": (0.1, 0.1),
-    "objective.loss_type": ("sigmoid", "sigmoid"),
+    "loss.objective": ("dpo", "povid_released"),
+    "loss.beta": (0.1, 0.1),
+    "loss.loss_type": ("sigmoid", "sigmoid"),
     "noise.source": ("none", "online"),
     "noise.step": (None, 500),
     "noise.overflow": (None, "wrap"),  # mul(255).byte()
