@@ -211,3 +211,28 @@ def test_reference_table_parses_like_the_original():
     assert REFERENCE_SYNONYMS[" cheesecake"] == "cake" and "cheesecake" not in REFERENCE_SYNONYMS
     assert REFERENCE_SYNONYMS["bison"] == "cow"  # trailing space removed by strip()
     assert len(set(REFERENCE_SYNONYMS.values())) == 80
+
+
+def _doc_objects(cell):
+    """'person, tie ×3' -> ['person', 'tie', 'tie', 'tie']; 'none' -> []."""
+    if cell.strip() == "none":
+        return []
+    out = []
+    for item in cell.split(","):
+        name, _, times = item.strip().partition(" ×")
+        out += [name] * (int(times) if times else 1)
+    return out
+
+
+def test_every_example_in_chair_md_counts_as_documented():
+    doc = Path(__file__).parent.parent / "povid" / "metrics" / "CHAIR.md"
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in doc.read_text(encoding="utf-8").splitlines()
+        if line.startswith("|") and line.count('"') >= 2
+    ]
+    examples = [(r[1].strip('"'), r[2], r[3]) for r in rows if len(r) == 4 and r[1].startswith('"')]
+    assert len(examples) == 18  # every row of the four difference tables
+    for sentence, ref, cor in examples:
+        assert _objects(sentence, "reference") == _doc_objects(ref), sentence
+        assert _objects(sentence, "corrected") == _doc_objects(cor), sentence
