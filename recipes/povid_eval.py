@@ -107,7 +107,7 @@ class EvalRecipe:
         if self.benchmark == "chair" and (cfg.get("answers_file") or cfg.get("questions_file")):
             raise ValueError("answers_file= and questions_file= are POPE inputs; use --config eval_pope_coco")
         if self.benchmark == "pope" and cfg.get("captions_file"):
-            raise ValueError("captions_file= is a CHAIR input; use --config eval_chair_coco")
+            raise ValueError("captions_file= is a CHAIR input; use --config eval_chair_coco or eval_chair_opera")
         if self.benchmark == "pope" and cfg.get("answers_file") and not cfg.get("questions_file"):
             raise ValueError("answers_file= needs questions_file= (the questions with their labels)")
         if self.benchmark == "chair":
@@ -344,7 +344,7 @@ class EvalRecipe:
 
 @parse
 def main(cfg: DictConfig) -> None:
-    """Entry point for ``tune run povid_eval --config eval_chair_coco | eval_pope_coco``."""
+    """Entry point for ``tune run povid_eval --config eval_chair_coco | eval_chair_opera | eval_pope_coco``."""
     recipe = EvalRecipe(cfg)
     recipe.setup()
     recipe.run()
