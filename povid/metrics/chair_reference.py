@@ -20,6 +20,7 @@ abbreviations (``"st."``, ``"dr."``), never a COCO object word.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -410,6 +411,10 @@ _SUFFIX_RULES = tuple(
 )  # fmt: skip
 
 
+_KEPT_ENDINGS = _UNINFLECTED | _UNCOUNTABLE
+
+
+@functools.lru_cache(maxsize=1 << 16)  # captions repeat words; the rule scan is the slow part
 def pattern_singularize(word: str) -> str:
     """``pattern.en.singularize(word)`` (Pattern 3.6), its quirks included.
 
@@ -425,7 +430,7 @@ def pattern_singularize(word: str) -> str:
         return pattern_singularize(word[:-1]) + "'s"
     lower = word.lower()
     # Pattern keeps a word when it is the *ending* of an uninflected word ("ice" of "advice").
-    if any(entry.endswith(lower) for entry in _UNINFLECTED | _UNCOUNTABLE):
+    if any(entry.endswith(lower) for entry in _KEPT_ENDINGS):
         return word
     if any(lower.endswith(entry + "s") for entry in _IE_WORDS):
         return lower
