@@ -169,7 +169,7 @@ REFERENCE_DOUBLE_WORDS: Dict[str, str] = {
 
 # ----------------------------------------------------------------------------- Punkt
 
-# Punkt (Kiss & Strunk 2006, as in NLTK 3.9/3.10) only matters here for one thing: whether a
+# Punkt (Kiss & Strunk 2006, as in NLTK 3.10) only matters here for one thing: whether a
 # period ends a sentence. The word tokenizer splits a period off only at the end of a
 # sentence, so "dog." inside a sentence stays one token that names nothing.
 _SENT_END = ".?!"
@@ -277,7 +277,8 @@ def punkt_sentences(text: str) -> List[str]:
 
 # ----------------------------------------------------------------------------- Treebank
 
-# NLTK's improved Treebank word tokenizer (NLTKWordTokenizer, NLTK 3.9/3.10), rule by rule.
+# NLTK's improved Treebank word tokenizer (NLTKWordTokenizer, NLTK 3.10), rule by rule. Older
+# NLTK versions lack some rules (dashes, curly quotes, '*'); see CHAIR.md.
 _CLOSERS = "\\]\\)}>\"'\xbb\u201d\u2019"
 _STARTING_QUOTES = (
     (re.compile("([\xab\u201c\u2018\u201e]|[`]+)"), r" \1 "),
