@@ -72,7 +72,7 @@ __all__ = [
 
 CHAIR_MODES: Tuple[str, ...] = ("reference", "corrected")
 # The original's counting by default: CHAIR numbers are almost always put next to published
-# ones, which all come from the original script.
+# ones, which come from the original script or copies of it.
 DEFAULT_CHAIR_MODE = "reference"
 
 
@@ -240,7 +240,8 @@ _WORD_RE = re.compile(r"[^\W_]+(?:-[^\W_]+)*")
 
 
 def tokenize(text: str) -> List[str]:
-    """Lower-cased words of ``text``: letters/digits, hyphenated words kept whole.
+    """Lower-cased words of ``text`` (corrected mode's tokenizer; ``mean_length`` counts these in
+    both modes): letters/digits, hyphenated words kept whole.
 
     Punctuation and apostrophes separate words (``"dog's"`` -> ``["dog", "s"]``).
     """
@@ -316,7 +317,8 @@ _NOT_MEN_PLURALS: Set[str] = {
 
 
 def singularize(word: str) -> str:
-    """The singular of a lower-case English word; words that are not plurals come back as is.
+    """The singular of a lower-case English word; words that are not plurals come back as is
+    (corrected mode; reference mode uses :func:`povid.metrics.chair_reference.pattern_singularize`).
 
     Rule-based with irregular tables, deterministic, no downloaded data. Exact for the COCO
     object vocabulary and its plurals (the tests check every word of :data:`COCO_SYNONYMS`);
