@@ -204,6 +204,18 @@ def test_chair_mode_is_configured_recorded_and_compared(tmp_path, coco_dirs, cap
     assert not (tmp_path / "bad").exists()  # refused before scoring anything
 
 
+def test_compare_flags_results_scored_before_chair_modes(tmp_path, capsys):
+    from povid.metrics.report import compare_markdown, make_result
+
+    old = make_result("chair", "old", {"prompt": "p"}, {"chair_i": 0.1})  # no chair_mode: corrected
+    new = make_result("chair", "new", {"prompt": "p", "chair_mode": "reference"}, {"chair_i": 0.1})
+    table = compare_markdown([old, new])
+    assert '- `chair_mode`: old: null, new: "reference"' in table
+    assert "scored before modes existed, i.e. with corrected counting" in table
+    same = make_result("chair", "same", {"prompt": "p", "chair_mode": "reference"}, {"chair_i": 0.2})
+    assert "chair_mode" not in compare_markdown([new, same])
+
+
 def test_compare_flags_protocol_differences_and_bad_files(tmp_path, capsys):
     from povid.metrics.report import make_result
 
