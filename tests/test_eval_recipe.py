@@ -203,6 +203,13 @@ def test_chair_mode_is_configured_recorded_and_compared(tmp_path, coco_dirs, cap
               f"output_dir={tmp_path / 'bad'}", "chair.mode=original")  # fmt: skip
     assert not (tmp_path / "bad").exists()  # refused before scoring anything
 
+    # The OPERA preset scores the same captions the same way and names its protocol.
+    _eval("eval_chair_opera", f"annotations_dir={annotations}", f"captions_file={captions}",
+          f"output_dir={tmp_path / 'opera'}")  # fmt: skip
+    opera = json.loads((tmp_path / "opera" / "results.json").read_text())
+    assert (opera["protocol"]["protocol_name"], opera["protocol"]["chair_mode"]) == ("opera-500", "reference")
+    assert opera["metrics"] == results["reference"]["metrics"]
+
 
 def test_compare_flags_results_scored_before_chair_modes(tmp_path, capsys):
     from povid.metrics.report import compare_markdown, make_result
