@@ -34,7 +34,7 @@ CONFIG_SUFFIX = ".yaml"
 RECIPES: dict[str, list[str]] = {
     "povid_generate": ["llava_generate"],
     "llava_sft": ["llava_sft_tiny_full", "llava_sft_tiny_lora"],
-    "povid_eval": ["eval_chair_coco", "eval_pope_coco"],
+    "povid_eval": ["eval_chair_coco", "eval_chair_opera", "eval_pope_coco"],
     "povid_distort": ["povid_distort"],
     "povid_audit": ["povid_audit"],
     "povid_hallucinate": ["povid_hallucinate_openai", "povid_hallucinate_rules", "povid_hallucinate_world"],

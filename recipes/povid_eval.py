@@ -17,7 +17,10 @@ What a run does:
    ``GenerateRecipe`` (same batching, KV cache and resumable ``generations.jsonl``): a rerun
    after a crash only generates what is missing. A rerun with a different checkpoint or
    decoding setting into the same ``output_dir`` is refused instead of mixing outputs.
-3. Score, and write ``results.json`` and ``results.md`` (also printed).
+3. Score, and write ``results.json`` and ``results.md`` (also printed). CHAIR counts mentions
+   with ``chair.mode``: ``reference`` (default, the original script's counting, comparable to
+   published numbers) or ``corrected`` (see ``povid/metrics/CHAIR.md``); ``results.json``
+   records it, and ``povid compare`` lists it when two runs differ.
 
 Scoring existing outputs skips generation (no checkpoint needed): ``captions_file=`` (CHAIR,
 JSONL ``{"image_id", "caption"}``) or ``answers_file=`` with ``questions_file=`` (POPE, LLaVA's
@@ -35,7 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import utils
 
 from povid.config import parse
-from povid.metrics.chair import evaluate_chair, read_captions
+from povid.metrics.chair import DEFAULT_CHAIR_MODE, check_chair_mode, evaluate_chair, read_captions
 from povid.metrics.coco import CocoAnnotations, load_coco
 from povid.metrics.pope import (
     POPE_SPLITS,
@@ -81,6 +84,16 @@ def select_images(coco: CocoAnnotations, num_images: Optional[int], seed: int) -
     return sorted(random.Random(seed).sample(ids, num_images))
 
 
+def _chair_mode(cfg: DictConfig) -> str:
+    """``chair.mode`` of the config; configs written before modes existed get the default."""
+    chair = cfg.get("chair")
+    if chair is None:
+        return DEFAULT_CHAIR_MODE
+    if not isinstance(chair, (dict, DictConfig)):
+        raise ValueError(f"chair must be a block with a 'mode' key (chair.mode=reference), got {chair!r}")
+    return chair.get("mode", DEFAULT_CHAIR_MODE)
+
+
 class EvalRecipe:
     """Builds the benchmark items, generates (or reads) the model's outputs, scores them."""
 
@@ -94,9 +107,12 @@ class EvalRecipe:
         if self.benchmark == "chair" and (cfg.get("answers_file") or cfg.get("questions_file")):
             raise ValueError("answers_file= and questions_file= are POPE inputs; use --config eval_pope_coco")
         if self.benchmark == "pope" and cfg.get("captions_file"):
-            raise ValueError("captions_file= is a CHAIR input; use --config eval_chair_coco")
+            raise ValueError("captions_file= is a CHAIR input; use --config eval_chair_coco or eval_chair_opera")
         if self.benchmark == "pope" and cfg.get("answers_file") and not cfg.get("questions_file"):
             raise ValueError("answers_file= needs questions_file= (the questions with their labels)")
+        if self.benchmark == "chair":
+            # Checked before any generation: a typo must not cost a 500-caption run.
+            self.chair_mode = check_chair_mode(_chair_mode(cfg))
         self.generating = not given
         if self.generating:
             missing = [key for key in ("checkpoint_dir", "image_dir") if not cfg.get(key)]
@@ -169,9 +185,16 @@ class EvalRecipe:
             responses = self._generate(requests)
             self.captions = [(i, responses[str(i)]) for i in self.image_ids]
             _write_jsonl([{"image_id": i, "caption": c} for i, c in self.captions], self.output_dir / "captions.jsonl")
-        scored = evaluate_chair(self.captions, self.coco, source=str(cfg.get("captions_file") or "generated captions"))
+        scored = evaluate_chair(
+            self.captions,
+            self.coco,
+            source=str(cfg.get("captions_file") or "generated captions"),
+            mode=self.chair_mode,
+        )
         protocol = {
             "benchmark": "chair",
+            "protocol_name": cfg.get("protocol_name"),
+            "chair_mode": self.chair_mode,
             **self._generation_protocol(),
             "num_images": len(self.image_ids),
             "seed": cfg.seed if self.generating else None,
@@ -321,7 +344,7 @@ class EvalRecipe:
 
 @parse
 def main(cfg: DictConfig) -> None:
-    """Entry point for ``tune run povid_eval --config eval_chair_coco | eval_pope_coco``."""
+    """Entry point for ``tune run povid_eval --config eval_chair_coco | eval_chair_opera | eval_pope_coco``."""
     recipe = EvalRecipe(cfg)
     recipe.setup()
     recipe.run()

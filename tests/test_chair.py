@@ -1,4 +1,5 @@
-"""CHAIR: words, synonyms, the original's special cases, hand-worked scores, annotation errors."""
+"""CHAIR in ``corrected`` mode: words, synonyms, the original's special cases, hand-worked scores,
+annotation errors. Reference mode (the default) and the differences: test_chair_reference.py."""
 
 import json
 import pytest
@@ -57,7 +58,7 @@ def test_every_synonym_and_its_plural_finds_its_category():
                  "bison": "bison", "scissors": "scissors", "bus": "buses", "minibus": "minibuses"}  # fmt: skip
     for category, words in COCO_SYNONYMS.items():
         for word in words:
-            assert [m.object for m in find_objects(f"a {word} here")] == [category], word
+            assert [m.object for m in find_objects(f"a {word} here", mode="corrected")] == [category], word
             last = word.split()[-1]
             if last in irregular:
                 plural_last = irregular[last]
@@ -68,7 +69,7 @@ def test_every_synonym_and_its_plural_finds_its_category():
             else:
                 plural_last = last + "s"
             plural = " ".join(word.split()[:-1] + [plural_last])
-            assert [m.object for m in find_objects(f"two {plural} here")] == [category], plural
+            assert [m.object for m in find_objects(f"two {plural} here", mode="corrected")] == [category], plural
 
 
 # ---- the original metric's special cases ------------------------------------------------------
@@ -102,7 +103,7 @@ def test_every_synonym_and_its_plural_finds_its_category():
     ],
 )
 def test_find_objects_special_cases(caption, objects):
-    assert [m.object for m in find_objects(caption)] == objects
+    assert [m.object for m in find_objects(caption, mode="corrected")] == objects
 
 
 # ---- hand-worked scores -----------------------------------------------------------------------
@@ -137,14 +138,14 @@ def coco(tmp_path):
 
 
 def test_ground_truth_is_instances_plus_objects_named_in_captions(coco):
-    assert ground_truth_objects(coco, 1) == {"person", "dog", "dining table"}
-    assert ground_truth_objects(coco, 3) == {"cat", "bed"}
-    assert ground_truth_objects(coco, 5) == {"skis", "person"}
-    assert ground_truth_objects(coco, 6) == set()
+    assert ground_truth_objects(coco, 1, "corrected") == {"person", "dog", "dining table"}
+    assert ground_truth_objects(coco, 3, "corrected") == {"cat", "bed"}
+    assert ground_truth_objects(coco, 5, "corrected") == {"skis", "person"}
+    assert ground_truth_objects(coco, 6, "corrected") == set()
 
 
 def test_hand_worked_chair_scores(coco):
-    result = evaluate_chair(CAPTIONS, coco)
+    result = evaluate_chair(CAPTIONS, coco, mode="corrected")
     m = result["metrics"]
     # CHAIR_S: captions 1, 2 and 5 hallucinate -> 3 / 5.
     assert m["chair_s"] == pytest.approx(3 / 5)

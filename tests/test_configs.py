@@ -46,3 +46,23 @@ def test_large_configs_build_on_meta_with_exact_base_size(tmp_path, name):
         # r = 128 on q, k, v, o and the three MLP linears of every layer (POVID's setting)
         assert len(adapters) == 2 * 7 * args.num_layers
         assert names[adapters[0]].shape[0] in (128, args.embed_dim)
+
+
+@pytest.mark.parametrize("name", RECIPES["povid_eval"])
+def test_eval_configs_name_their_protocol_and_a_valid_chair_mode(name):
+    from povid.metrics.chair import DEFAULT_CHAIR_MODE, check_chair_mode
+
+    cfg = OmegaConf.load(resolve_config(name))
+    assert cfg.benchmark in ("chair", "pope")
+    if cfg.benchmark == "chair":
+        assert check_chair_mode(cfg.chair.mode) == DEFAULT_CHAIR_MODE == "reference"
+        assert cfg.protocol_name and cfg.prompt == "Please describe this image in detail."
+        assert cfg.max_new_tokens == 512 and cfg.num_images == 500
+
+
+def test_opera_preset_is_operas_protocol():
+    opera = OmegaConf.load(resolve_config("eval_chair_opera"))
+    pinned = OmegaConf.load(resolve_config("eval_chair_coco"))
+    assert (opera.protocol_name, pinned.protocol_name) == ("opera-500", "pinned-500")
+    assert opera.image_mode == "crop" and pinned.image_mode == "pad"  # OPERA: CLIP's processor
+    assert opera.coco_instances_file == "instances_val2014.json"

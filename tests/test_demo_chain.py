@@ -28,6 +28,8 @@ def test_quick_chain_runs_end_to_end_and_reruns_from_its_outputs(tmp_path, capsy
     for name in ("base", "povid"):
         for bench in ("chair", "pope"):
             assert json.loads((out / "eval" / f"{name}_{bench}" / "results.json").read_text())["name"] == name
+        # The demo's CHAIR counts as its README tables were measured (see Demo.evaluate).
+        assert json.loads((out / "eval" / f"{name}_chair" / "results.json").read_text())["protocol"]["chair_mode"] == "corrected"
 
     # The table: both models, every headline column, numbers that are percentages.
     summary = json.loads((out / "summary.json").read_text())
@@ -69,3 +71,13 @@ def test_companion_rate_counts_captions_that_add_a_missing_partner():
         {"ground_truth": ["kite"], "hallucinated": [["frisbee", "frisbee"], ["frisbee", "frisbee"]]},
     ]}  # fmt: skip
     assert companion_hallucination_rate(result) == 0.5
+
+
+def test_demo_evaluates_chair_with_corrected_counting(tmp_path, monkeypatch):
+    from povid.demo import DEMO_SIZES, Demo
+
+    commands = {}
+    monkeypatch.setattr(Demo, "_run", lambda self, key, title, command, stage_dir: commands.setdefault(key, command))
+    Demo(tmp_path, DEMO_SIZES["quick"]).evaluate(tmp_path / "model", "base")
+    assert "chair.mode=corrected" in commands["eval_base_chair"]
+    assert not any(part.startswith("chair.") for part in commands["eval_base_pope"])

@@ -175,6 +175,54 @@ def test_score_existing_captions_and_compare_runs(tmp_path, coco_dirs, capsys):
     assert "Protocol settings differ" not in printed
 
 
+def test_chair_mode_is_configured_recorded_and_compared(tmp_path, coco_dirs, capsys):
+    annotations, _ = coco_dirs
+    captions = tmp_path / "caps.jsonl"
+    # Image 13 shows a car and a woman. Pattern turns "bus" into "bu": reference mode counts
+    # only the plural (1 mention), corrected mode both (2 mentions, both hallucinated).
+    captions.write_text(json.dumps({"image_id": 13, "caption": "A woman, a car, a bus and two buses."}) + "\n")
+    for mode in ("reference", "corrected"):
+        overrides = [] if mode == "reference" else ["chair.mode=corrected"]  # reference is the default
+        _eval("eval_chair_coco", f"annotations_dir={annotations}", f"captions_file={captions}",
+              f"output_dir={tmp_path / mode}", f"run_name={mode}", *overrides)  # fmt: skip
+    results = {m: json.loads((tmp_path / m / "results.json").read_text()) for m in ("reference", "corrected")}
+    assert results["reference"]["protocol"]["chair_mode"] == "reference"
+    assert results["corrected"]["protocol"]["chair_mode"] == "corrected"
+    assert results["reference"]["protocol"]["protocol_name"] == "pinned-500"
+    assert (results["reference"]["metrics"]["num_mentions"], results["reference"]["metrics"]["num_hallucinated_mentions"]) == (3, 1)
+    assert (results["corrected"]["metrics"]["num_mentions"], results["corrected"]["metrics"]["num_hallucinated_mentions"]) == (4, 2)
+    capsys.readouterr()
+    assert povid_main(["compare", str(tmp_path / "reference" / "results.json"),
+                       str(tmp_path / "corrected" / "results.json")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert '- `chair_mode`: reference: "reference", corrected: "corrected"' in printed
+    assert "count CHAIR mentions differently" in printed
+
+    with pytest.raises(ValueError, match=r"chair\.mode must be one of 'reference', 'corrected', got 'original'"):
+        _eval("eval_chair_coco", f"annotations_dir={annotations}", f"captions_file={captions}",
+              f"output_dir={tmp_path / 'bad'}", "chair.mode=original")  # fmt: skip
+    assert not (tmp_path / "bad").exists()  # refused before scoring anything
+
+    # The OPERA preset scores the same captions the same way and names its protocol.
+    _eval("eval_chair_opera", f"annotations_dir={annotations}", f"captions_file={captions}",
+          f"output_dir={tmp_path / 'opera'}")  # fmt: skip
+    opera = json.loads((tmp_path / "opera" / "results.json").read_text())
+    assert (opera["protocol"]["protocol_name"], opera["protocol"]["chair_mode"]) == ("opera-500", "reference")
+    assert opera["metrics"] == results["reference"]["metrics"]
+
+
+def test_compare_flags_results_scored_before_chair_modes(tmp_path, capsys):
+    from povid.metrics.report import compare_markdown, make_result
+
+    old = make_result("chair", "old", {"prompt": "p"}, {"chair_i": 0.1})  # no chair_mode: corrected
+    new = make_result("chair", "new", {"prompt": "p", "chair_mode": "reference"}, {"chair_i": 0.1})
+    table = compare_markdown([old, new])
+    assert '- `chair_mode`: old: null, new: "reference"' in table
+    assert "scored before modes existed, i.e. with corrected counting" in table
+    same = make_result("chair", "same", {"prompt": "p", "chair_mode": "reference"}, {"chair_i": 0.2})
+    assert "chair_mode" not in compare_markdown([new, same])
+
+
 def test_compare_flags_protocol_differences_and_bad_files(tmp_path, capsys):
     from povid.metrics.report import make_result
 

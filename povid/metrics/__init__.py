@@ -1,7 +1,9 @@
 """Hallucination metrics: CHAIR and POPE on COCO-format annotations, and results reports.
 
 - :mod:`povid.metrics.coco`: read and check ``instances_*.json`` / ``captions_*.json``;
-- :mod:`povid.metrics.chair`: CHAIR_S, CHAIR_I, recall, length and per-caption details;
+- :mod:`povid.metrics.chair`: CHAIR_S, CHAIR_I, recall, length and per-caption details, in
+  ``reference`` (the original script's counting, default) or ``corrected`` mode
+  (:mod:`povid.metrics.chair_reference` holds the reference counting; ``CHAIR.md`` the differences);
 - :mod:`povid.metrics.pope`: POPE questions (random / popular / adversarial), answer parsing,
   accuracy / precision / recall / F1 / yes-ratio;
 - :mod:`povid.metrics.report`: ``results.json``, Markdown tables, side-by-side comparison.
@@ -10,9 +12,12 @@ Nothing here imports torch: scoring existing outputs and comparing runs is insta
 """
 
 from povid.metrics.chair import (
+    CHAIR_MODES,
     COCO_SYNONYMS,
+    DEFAULT_CHAIR_MODE,
     Mention,
     chair_metrics,
+    check_chair_mode,
     evaluate_chair,
     find_objects,
     ground_truth_objects,
@@ -45,13 +50,16 @@ from povid.metrics.report import (
 
 __all__ = [
     "AnnotationError",
+    "CHAIR_MODES",
     "COCO_SYNONYMS",
+    "DEFAULT_CHAIR_MODE",
     "CocoAnnotations",
     "Mention",
     "POPE_SPLITS",
     "PopeQuestion",
     "build_pope_questions",
     "chair_metrics",
+    "check_chair_mode",
     "compare_files",
     "compare_markdown",
     "evaluate_chair",

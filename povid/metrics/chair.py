@@ -11,7 +11,18 @@ original metric. A mention of an object outside that set is a hallucination.
 - ``recall``: distinct correctly mentioned objects / ground-truth objects, summed over images;
 - ``mean_length``: mean number of words per caption.
 
-How a caption becomes mentions (the original's rules, re-implemented):
+Two counting modes (``chair.mode`` in ``eval_chair_coco``; :data:`DEFAULT_CHAIR_MODE`):
+
+- ``"reference"`` (default): the original script's counting (Rohrbach et al.,
+  ``LisaAnne/Hallucination``, ``utils/chair.py``) reproduced mention for mention, quirks
+  included: NLTK's tokenizer, Pattern's singularizer (``"bus"`` -> ``"bu"``, never counted),
+  its synonym and two-word tables (:mod:`povid.metrics.chair_reference`). Use it for numbers
+  put next to published ones.
+- ``"corrected"``: the same rules with the quirks fixed (the counting before modes existed;
+  the offline demo's tables use it).
+
+``povid/metrics/CHAIR.md`` lists every difference with an example sentence. How a caption
+becomes mentions in ``corrected`` mode:
 
 1. lower-case and split into words (:func:`tokenize`);
 2. reduce each word to its singular (:func:`singularize`);
@@ -24,27 +35,10 @@ How a caption becomes mentions (the original's rules, re-implemented):
 4. if the caption mentions a toilet, a ``"seat"`` in it is the toilet's, not a chair;
 5. look every remaining word up in the synonym table (:data:`COCO_SYNONYMS`).
 
-Differences from the original implementation (``LisaAnne/Hallucination``, ``utils/chair.py``):
-
-- Tokenizing and singularizing. The original uses NLTK's ``word_tokenize`` and
-  ``pattern.en.singularize``, which need downloaded data. Here a regular expression splits words
-  (hyphenated words stay one word, as in NLTK, so ``"hot-dog"`` names nothing; an apostrophe
-  splits, so ``"dog's"`` is ``dog`` + ``s``) and a rule-based singularizer with an irregular
-  table covers every COCO object word and its plural (``people``, ``men``, ``women``,
-  ``children``, ``mice``, ``knives``, ``geese``, ``oxen``, ``calves``, ``skis``, ``buses``,
-  ``ponies``, ...). Other words may come out differently from ``pattern``, which does not
-  touch the scores; where ``pattern`` itself gets an object word wrong, the original misses a
-  mention that is counted here (``pattern`` cannot be installed offline, so this was not
-  compared word by word).
-- Two-word names come from the synonym table itself, so ``"hair dryer"`` and ``"blow dryer"``
-  (in the original's synonym list but missing from its two-word list, hence never matched)
-  count as a hair drier here. The original's three-word ``"stove top oven"`` could never match
-  (only pairs are joined) and is left out; ``"stove"`` and ``"oven"`` still count separately.
-- ``"iPhone"`` in the original's list is never matched (captions are lower-cased first); here
-  ``"iphone"`` is a cell phone.
-- ``CHAIR_I`` is 0 (not a division error) when no caption mentions any object; ``recall`` is
-  summed over images as in the later extensions of the script that report it (e.g. OPERA,
-  "Less is More"); ``mean_length`` counts words, not NLTK tokens (punctuation is not counted).
+Both modes: ``CHAIR_I`` is 0 (not a division error) when no caption mentions any object;
+``recall`` is summed over images as in the later extensions of the script that report it
+(e.g. OPERA, "Less is More"); ``mean_length`` counts words (runs of letters and digits, as
+:func:`tokenize` splits them), not NLTK tokens, in both modes.
 """
 
 from __future__ import annotations
@@ -54,10 +48,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
+from povid.metrics.chair_reference import reference_mentions
 from povid.metrics.coco import AnnotationError, CocoAnnotations
 from povid_data.jsonl import read_records
 
 __all__ = [
+    "CHAIR_MODES",
+    "DEFAULT_CHAIR_MODE",
+    "check_chair_mode",
     "COCO_SYNONYMS",
     "Mention",
     "tokenize",
@@ -70,7 +68,30 @@ __all__ = [
     "read_captions",
 ]
 
-# ----------------------------------------------------------------------------- vocabulary
+# ----------------------------------------------------------------------------- modes
+
+CHAIR_MODES: Tuple[str, ...] = ("reference", "corrected")
+# The original's counting by default: CHAIR numbers are almost always put next to published
+# ones, which come from the original script or copies of it.
+DEFAULT_CHAIR_MODE = "reference"
+
+
+def check_chair_mode(mode: Any) -> str:
+    """``mode`` if it is one of :data:`CHAIR_MODES`.
+
+    Raises:
+        ValueError: any other value (names the valid ones and where they are documented).
+    """
+    if mode not in CHAIR_MODES:
+        raise ValueError(
+            f"chair.mode must be one of {', '.join(repr(m) for m in CHAIR_MODES)}, got {mode!r} "
+            f"(reference: the original CHAIR script's counts, comparable to published numbers; "
+            f"corrected: its quirks fixed; see povid/metrics/CHAIR.md)"
+        )
+    return mode
+
+
+# ----------------------------------------------------------------------------- vocabulary (corrected mode)
 
 # COCO category name -> the (singular, lower-case) words and two-word names that mention it.
 # The facts are the public CHAIR synonym lists; each category's own name counts too. Entries
@@ -219,7 +240,8 @@ _WORD_RE = re.compile(r"[^\W_]+(?:-[^\W_]+)*")
 
 
 def tokenize(text: str) -> List[str]:
-    """Lower-cased words of ``text``: letters/digits, hyphenated words kept whole.
+    """Lower-cased words of ``text`` (corrected mode's tokenizer; ``mean_length`` counts these in
+    both modes): letters/digits, hyphenated words kept whole.
 
     Punctuation and apostrophes separate words (``"dog's"`` -> ``["dog", "s"]``).
     """
@@ -295,7 +317,8 @@ _NOT_MEN_PLURALS: Set[str] = {
 
 
 def singularize(word: str) -> str:
-    """The singular of a lower-case English word; words that are not plurals come back as is.
+    """The singular of a lower-case English word; words that are not plurals come back as is
+    (corrected mode; reference mode uses :func:`povid.metrics.chair_reference.pattern_singularize`).
 
     Rule-based with irregular tables, deterministic, no downloaded data. Exact for the COCO
     object vocabulary and its plurals (the tests check every word of :data:`COCO_SYNONYMS`);
@@ -381,13 +404,23 @@ def _join_pairs(words: Sequence[str]) -> List[str]:
     return joined
 
 
-def find_objects(caption: str) -> List[Mention]:
+def find_objects(caption: str, mode: str = DEFAULT_CHAIR_MODE) -> List[Mention]:
     """Every COCO object mention in ``caption``, in order, repeats included.
+
+    Args:
+        caption: any text.
+        mode: ``"reference"`` (the original script's counting) or ``"corrected"``.
 
     Example:
         >>> [m.object for m in find_objects("Two hot dogs and a puppy on a toilet seat.")]
         ['hot dog', 'dog', 'toilet']
+        >>> [m.object for m in find_objects("A bus and two buses.", mode="corrected")]
+        ['bus', 'bus']
+        >>> [m.object for m in find_objects("A bus and two buses.")]  # Pattern: "bus" -> "bu"
+        ['bus']
     """
+    if check_chair_mode(mode) == "reference":
+        return [Mention(word, obj) for word, obj in reference_mentions(caption)]
     words = _join_pairs([singularize(w) for w in tokenize(caption)])
     if "toilet" in words:
         # "the seat of the toilet" would otherwise fire "chair".
@@ -395,8 +428,9 @@ def find_objects(caption: str) -> List[Mention]:
     return [Mention(w, _WORD_TO_OBJECT[w]) for w in words if w in _WORD_TO_OBJECT]
 
 
-def ground_truth_objects(coco: CocoAnnotations, image_id: int) -> Set[str]:
-    """The objects of an image: its instance categories plus objects named in its captions.
+def ground_truth_objects(coco: CocoAnnotations, image_id: int, mode: str = DEFAULT_CHAIR_MODE) -> Set[str]:
+    """The objects of an image: its instance categories plus objects named in its captions
+    (read with the counting of ``mode``, as the original reads them with its own).
 
     Raises:
         AnnotationError: the image is not in the annotations, or an instance category is not
@@ -412,15 +446,17 @@ def ground_truth_objects(coco: CocoAnnotations, image_id: int) -> Set[str]:
             )
         objects.add(name)
     for caption in coco.captions.get(image_id, []):
-        objects.update(m.object for m in find_objects(caption))
+        objects.update(m.object for m in find_objects(caption, mode))
     return objects
 
 
 # ----------------------------------------------------------------------------- scores
 
 
-def score_caption(image_id: int, caption: str, ground_truth: Set[str]) -> Dict[str, Any]:
-    """Per-caption CHAIR details.
+def score_caption(
+    image_id: int, caption: str, ground_truth: Set[str], mode: str = DEFAULT_CHAIR_MODE
+) -> Dict[str, Any]:
+    """Per-caption CHAIR details, mentions counted with ``mode``.
 
     Returns:
         ``image_id``, ``caption``, ``num_words``, ``mentions`` (``[word, object]`` pairs in
@@ -429,7 +465,7 @@ def score_caption(image_id: int, caption: str, ground_truth: Set[str]) -> Dict[s
         (hallucinated / mentions, 0 without mentions), ``recall`` (distinct correct objects /
         ground-truth objects, 0 without ground truth).
     """
-    mentions = find_objects(caption)
+    mentions = find_objects(caption, mode)
     hallucinated = [m for m in mentions if m.object not in ground_truth]
     correct = [m for m in mentions if m.object in ground_truth]
     distinct_correct = {m.object for m in correct}
@@ -476,7 +512,10 @@ def chair_metrics(per_caption: Sequence[Mapping[str, Any]]) -> Dict[str, float]:
 
 
 def evaluate_chair(
-    captions: Iterable[Tuple[int, str]], coco: CocoAnnotations, source: str = ""
+    captions: Iterable[Tuple[int, str]],
+    coco: CocoAnnotations,
+    source: str = "",
+    mode: str = DEFAULT_CHAIR_MODE,
 ) -> Dict[str, Any]:
     """CHAIR of ``(image_id, caption)`` pairs against COCO annotations.
 
@@ -484,6 +523,8 @@ def evaluate_chair(
         captions: generated captions; each image id must be in the annotations.
         coco: annotations loaded with captions (:func:`povid.metrics.coco.load_coco`).
         source: where the captions come from (named in errors).
+        mode: ``"reference"`` (default, the original script's counting) or ``"corrected"``;
+            used for the generated and the ground-truth captions alike.
 
     Returns:
         ``{"metrics": chair_metrics(...), "captions": [score_caption(...), ...]}``.
@@ -491,10 +532,11 @@ def evaluate_chair(
     Raises:
         AnnotationError: an image id is missing from the instances or captions file.
     """
+    check_chair_mode(mode)
     captions = list(captions)
     coco.require_images((image_id for image_id, _ in captions), requested_by=source)
     per_caption = [
-        score_caption(image_id, text, ground_truth_objects(coco, image_id))
+        score_caption(image_id, text, ground_truth_objects(coco, image_id, mode), mode)
         for image_id, text in captions
     ]
     return {"metrics": chair_metrics(per_caption), "captions": per_caption}

@@ -243,7 +243,19 @@ def compare_markdown(
             "\nProtocol settings differ (null: not recorded, the outputs were scored from a file), "
             "so the numbers may not be comparable:\n\n" + "\n".join(differing) + "\n"
         )
+    if any(line.startswith("- `chair_mode`") for line in differing):
+        out.append(_CHAIR_MODE_NOTE)
     return "".join(out)
+
+
+# Shown when compared CHAIR runs counted mentions differently: the same captions score
+# differently under the two modes, so the difference is a protocol difference, not a model one.
+_CHAIR_MODE_NOTE = (
+    "\nThe runs count CHAIR mentions differently (`chair_mode`): reference is the original "
+    "script's counting (comparable to published numbers), corrected fixes its quirks (see "
+    "povid/metrics/CHAIR.md). null: scored before modes existed, i.e. with corrected counting. "
+    "Rescore with one mode (`captions_file=... chair.mode=...`) to compare models.\n"
+)
 
 
 def compare_files(paths: Sequence[str | Path]) -> str:
