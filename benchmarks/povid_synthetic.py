@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 from povid.demo import DEMO_SIZES, Demo, summary_rows
 from povid.metrics.report import read_results
@@ -98,8 +98,9 @@ def criteria_per_seed_table(per_seed: Dict[int, Dict[str, dict]]) -> str:
 
 def run_seed(
     out: Path, seed: int, quick: bool, dpo_extra: List[str], tag: str, stage1_extra: List[str],
-    balanced_pref: bool = False,
+    balanced_pref: bool = False, variants: Sequence[str] = VARIANTS,
 ) -> Dict[str, Dict[str, Path]]:  # fmt: skip
+    """Train and evaluate ``variants`` (``base`` always) for one seed; returns their results files."""
     demo = seed_demo(out, seed, quick)
     settings = demo.settings
     demo.world()
@@ -110,37 +111,36 @@ def run_seed(
     data = suffix if stage1_extra or balanced_pref else ""
     pairs = balanced_preference_images(demo) if balanced_pref else demo
     stage2 = pairs.stage2(base, pairs.stage1(f"stage1{data}", stage1_extra), name=f"stage2{data}")
-    models = {
-        "base": base,
-        "povid": pairs.dpo(base, stage2, name=f"povid{suffix}", extra=dpo_extra, title=f"povid_dpo: povid{suffix}"),
-        "dpo_text": pairs.dpo(
-            base, stage2, name=f"dpo_text{suffix}", title=f"povid_dpo: dpo_text{suffix}",
-            extra=[*dpo_extra, "loss.objective=dpo", "noise.source=none"],
-        ),  # fmt: skip
-        "dpo_noise": pairs.dpo(
-            base, stage2, name=f"dpo_noise{suffix}", title=f"povid_dpo: dpo_noise{suffix}",
-            extra=[*dpo_extra, "loss.beta1=0"],
-        ),  # fmt: skip
+    dpo_variants = {
+        "povid": [],
+        "dpo_text": ["loss.objective=dpo", "noise.source=none"],
+        "dpo_noise": ["loss.beta1=0"],
     }
-    # Same compute as DPO: as many optimizer steps, each on as many rows (3 answers per record).
-    n_pref = settings.world.pref
-    dpo_steps = math.ceil(n_pref / settings.dpo_batch_size) * settings.dpo_epochs
-    rows = 3 * settings.dpo_batch_size
-    lr = next(o.split("=", 1)[1] for o in [*settings.dpo_overrides, *dpo_extra] if o.startswith("optimizer.lr="))
-    models["sft_more"] = demo.sft(
-        "sft_more", checkpoint_dir=base, data_file=demo.world_dir / "pref.json", batch_size=rows,
-        epochs=math.ceil(dpo_steps * rows / n_pref), max_steps=dpo_steps, lr=float(lr),
-        title="llava_sft: same-compute SFT control",
-    )  # fmt: skip
-    names = {"base": "base", "povid": f"povid{suffix}", "dpo_text": f"dpo_text{suffix}",
-             "dpo_noise": f"dpo_noise{suffix}", "sft_more": "sft_more"}  # fmt: skip
+    models = {"base": base}
+    names = {"base": "base", "sft_more": "sft_more"}
+    for variant, overrides in dpo_variants.items():
+        if variant in variants:
+            names[variant] = f"{variant}{suffix}"
+            models[variant] = pairs.dpo(base, stage2, name=names[variant], extra=[*dpo_extra, *overrides],
+                                        title=f"povid_dpo: {names[variant]}")  # fmt: skip
+    if "sft_more" in variants:
+        # Same compute as DPO: as many optimizer steps, each on as many rows (3 answers per record).
+        n_pref = settings.world.pref
+        dpo_steps = math.ceil(n_pref / settings.dpo_batch_size) * settings.dpo_epochs
+        rows = 3 * settings.dpo_batch_size
+        lr = next(o.split("=", 1)[1] for o in [*settings.dpo_overrides, *dpo_extra] if o.startswith("optimizer.lr="))
+        models["sft_more"] = demo.sft(
+            "sft_more", checkpoint_dir=base, data_file=demo.world_dir / "pref.json", batch_size=rows,
+            epochs=math.ceil(dpo_steps * rows / n_pref), max_steps=dpo_steps, lr=float(lr),
+            title="llava_sft: same-compute SFT control",
+        )  # fmt: skip
     return {variant: demo.evaluate(model, names[variant], title="povid_eval") for variant, model in models.items()}
 
 
-def aggregate(per_seed: Dict[int, List[dict]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+def aggregate(per_seed: Dict[int, List[dict]], variants: Sequence[str] = VARIANTS) -> Dict[str, Dict[str, Dict[str, float]]]:
     """``{variant: {metric: {"mean", "std", "values"}}}`` over seeds."""
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for variant in VARIANTS:
+    for variant in variants:
         out[variant] = {}
         for key, _ in METRICS:
             values = [next(r for r in rows if r["variant"] == variant)[key] for rows in per_seed.values()]
@@ -155,17 +155,26 @@ def aggregate(per_seed: Dict[int, List[dict]]) -> Dict[str, Dict[str, Dict[str, 
 def table(agg: Dict[str, Dict[str, Dict[str, float]]], n_seeds: int) -> str:
     header = ["model"] + [label for _, label in METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    for variant in VARIANTS:
+    for variant in agg:
         cells = [variant] + [f"{agg[variant][k]['mean']:.1f} ± {agg[variant][k]['std']:.1f}" for k, _ in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     base_i = agg["base"]["chair_i"]["mean"]
     lines.append("")
-    for variant in VARIANTS[1:]:
+    for variant in [v for v in agg if v != "base"]:
         rel = 100 * (agg[variant]["chair_i"]["mean"] - base_i) / base_i if base_i else float("nan")
         d_recall = agg[variant]["recall"]["mean"] - agg["base"]["recall"]["mean"]
         d_f1 = agg[variant]["pope_f1"]["mean"] - agg["base"]["pope_f1"]["mean"]
         lines.append(f"- {variant}: CHAIR_I {rel:+.0f} % relative to base; recall {d_recall:+.1f} points; "
                      f"POPE F1 {d_f1:+.1f} points")  # fmt: skip
+    lines.append("\nCHAIR_I per seed: " + "; ".join(
+        f"{v} " + " / ".join(f"{x:.1f}" for x in agg[v]["chair_i"]["values"]) for v in agg))  # fmt: skip
+    if "povid" in agg:
+        # Paired by seed (same world, base and pairs): the spread of the difference, not of each arm.
+        for other in [v for v in agg if v not in ("base", "povid")]:
+            diffs = [p - o for p, o in zip(agg["povid"]["chair_i"]["values"], agg[other]["chair_i"]["values"])]
+            spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            lines.append(f"- povid minus {other}, CHAIR_I points, paired by seed: {statistics.fmean(diffs):+.1f} ± {spread:.1f} "
+                         f"({', '.join(f'{d:+.1f}' for d in diffs)})")  # fmt: skip
     lines.append(f"\nmean ± sample standard deviation over {n_seeds} seed(s)")
     return "\n".join(lines) + "\n"
 
@@ -181,6 +190,8 @@ def main(argv: List[str] | None = None) -> int:
                         help="preference images from the balanced distribution (needs --tag)")  # fmt: skip
     parser.add_argument("--base-only", action="store_true",
                         help="stop after the base evaluation and report the world's base criteria per seed")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS[1:]), choices=VARIANTS[1:],
+                        help="the models to train besides the base (default: all)")  # fmt: skip
     parser.add_argument("--tag", default="", help="name suffix of the runs made with --dpo / --stage1 overrides")
     args = parser.parse_args(argv)
     if (args.dpo or args.stage1 or args.balanced_pref) and not args.tag:
@@ -197,14 +208,15 @@ def main(argv: List[str] | None = None) -> int:
     per_seed: Dict[int, List[dict]] = {}
     criteria: Dict[int, Dict[str, dict]] = {}
     for seed in args.seeds:
-        results = run_seed(args.out, seed, args.quick, args.dpo, args.tag, args.stage1, args.balanced_pref)
+        results = run_seed(args.out, seed, args.quick, args.dpo, args.tag, args.stage1, args.balanced_pref,
+                           ["base", *args.variants])  # fmt: skip
         rows = summary_rows(results)
         for variant, row in zip(results, rows):
             row["variant"] = variant
         per_seed[seed] = rows
         base = results["base"]
         criteria[seed] = criteria_as_dict(base_criteria(read_results(base["chair"]), read_results(base["pope"])))
-    agg = aggregate(per_seed)
+    agg = aggregate(per_seed, ["base", *args.variants])
     text = table(agg, len(args.seeds)) + "\n" + criteria_per_seed_table(criteria)
     name = f"results{'_' + args.tag if args.tag else ''}"
     (args.out / f"{name}.json").write_text(json.dumps({"per_seed": per_seed, "aggregate": agg,
