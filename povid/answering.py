@@ -21,7 +21,7 @@ from povid.generation import SamplingParams, generate, quantize_for_inference
 from povid_data.tokenizer import LlavaTokenizer
 from povid_data.transforms import IMAGE_TOKEN, LlavaImageTransform, LlavaMessageTransform
 
-__all__ = ["LlavaAnswerer", "question_turns"]
+__all__ = ["LlavaAnswerer", "question_turns", "read_answer_requests", "answer_requests", "answer_requests_file"]
 
 Messages = Sequence[Mapping[str, Any]]
 
@@ -86,29 +86,31 @@ class LlavaAnswerer:
         return cls(model, tokenizer, params=params, image_mode=image_mode, generator=generator)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "LlavaAnswerer":
+    def from_config(cls, cfg: Any, *, greedy: bool = False) -> "LlavaAnswerer":
         """Load from a generating recipe's config: ``checkpoint_dir``, ``clip_dir``, ``device``,
         ``dtype``, ``quantization``, ``image_mode`` and the decoding keys ``max_new_tokens``,
-        ``temperature``, ``top_p``, ``top_k``, ``seed`` (which seeds sampling only)."""
+        ``temperature``, ``top_p``, ``top_k``, ``seed`` (which seeds sampling only).
+        ``greedy``: decode greedily whatever the config says (an evaluation protocol), and read
+        no sampling keys."""
         from torchtune import training, utils
 
         log = utils.get_logger("INFO")
         device = utils.get_device(cfg.device)
         dtype = training.get_dtype(cfg.dtype, device=device)
-        params = SamplingParams(
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-        )
+        if greedy:
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0, top_k=None)
+        else:
+            params = SamplingParams(
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
+            )
         start = time.perf_counter()
         answerer = cls.from_checkpoint(
             cfg.checkpoint_dir,
             params=params,
-            clip_dir=cfg.clip_dir,
+            clip_dir=cfg.get("clip_dir"),
             device=device,
             dtype=dtype,
-            quantization=cfg.quantization,
+            quantization=cfg.get("quantization"),
             image_mode=cfg.image_mode,
             generator=torch.Generator(device=device).manual_seed(cfg.seed),
         )
@@ -157,3 +159,76 @@ class LlavaAnswerer:
             generator=self.generator,
         )
         return [self.tokenizer.decode(ids).strip() for ids in outputs]
+
+
+# --------------------------------------------------------------- a file of answer requests
+
+
+def read_answer_requests(
+    data_file: str | Path, image_dir: Optional[str | Path] = None, default_prompt: Optional[str] = None
+) -> List[dict]:
+    """The records of ``data_file`` (``id``, ``image``, optional ``prompt``) as requests
+    ``{"id", "image" (path resolved against ``image_dir``, default the file's folder),
+    "image_ref" (as written), "prompt"}``.
+
+    Raises:
+        ValueError: a missing field or an id that appears twice, naming file, record and field.
+    """
+    from povid_data.jsonl import read_records, require_field
+
+    base = Path(image_dir) if image_dir else Path(data_file).parent
+    requests, seen = [], set()
+    for raw in read_records(data_file):
+        rid = str(require_field(raw, "id", data_file, kind=(str, int)))
+        if rid in seen:
+            raise ValueError(f"{data_file}: record id={rid!r} appears twice")
+        seen.add(rid)
+        image_ref = require_field(raw, "image", data_file)
+        prompt = raw.get("prompt") or default_prompt
+        requests.append({"id": raw["id"], "image": str(base / image_ref), "image_ref": image_ref, "prompt": prompt})
+    return requests
+
+
+def answer_requests(answerer: LlavaAnswerer, batch: Sequence[Mapping[str, Any]], source: str) -> List[str]:
+    """Answers to requests with ``image`` (a path) and ``prompt``; errors name ``source`` and the id."""
+    from povid_data.transforms import load_image
+
+    wheres = [f"{source}: record id={record['id']!r}" for record in batch]
+    images = []
+    for record, where in zip(batch, wheres):
+        try:
+            images.append(load_image(record["image"]))
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"{where}: field 'image': {e}") from None
+    return answerer.answer([question_turns(r["prompt"]) for r in batch], images, wheres)
+
+
+def answer_requests_file(
+    answerer: LlavaAnswerer, requests: Sequence[Mapping[str, Any]], output_file: str | Path, *,
+    batch_size: int, source: str,
+) -> Path:  # fmt: skip
+    """Answer ``requests`` (:func:`read_answer_requests`) in batches, appending ``{"id", "image",
+    "prompt", "response"}`` lines to ``output_file`` as they come; ids already there are skipped,
+    so a crashed run resumes where it stopped. Returns ``output_file``."""
+    from torchtune import utils
+    from tqdm import tqdm
+
+    from povid_data.jsonl import ResumableJsonlWriter
+
+    log = utils.get_logger("INFO")
+    out_path = Path(output_file)
+    with ResumableJsonlWriter(out_path) as writer:
+        todo = list(writer.pending(requests))
+        if len(todo) < len(requests):
+            log.info(f"Resuming: {len(requests) - len(todo)} of {len(requests)} already in {out_path}")
+        with tqdm(total=len(requests), initial=len(requests) - len(todo), desc="generate") as bar:
+            for i in range(0, len(todo), batch_size):
+                batch = todo[i : i + batch_size]
+                responses = answer_requests(answerer, batch, source)
+                writer.write(
+                    {"id": r["id"], "image": r["image_ref"], "prompt": r["prompt"], "response": text}
+                    for r, text in zip(batch, responses)
+                )
+                bar.update(len(batch))
+    log.info(f"Wrote {out_path}")
+    return out_path

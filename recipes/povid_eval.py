@@ -13,9 +13,9 @@ What a run does:
 
 1. CHAIR: sample ``num_images`` images of the instances file with ``seed``; POPE: build the
    random / popular / adversarial questions from the instances (or read ``questions_file``).
-2. Generate greedily with ``prompt`` and ``max_new_tokens`` through ``povid_generate``'s
-   ``GenerateRecipe`` (same batching, KV cache and resumable ``generations.jsonl``): a rerun
-   after a crash only generates what is missing. A rerun with a different checkpoint or
+2. Generate greedily with ``prompt`` and ``max_new_tokens`` through the library's answering
+   loop (:mod:`povid.answering`, the one ``povid_generate`` uses: same batching, KV cache and
+   resumable ``generations.jsonl``): a rerun after a crash only generates what is missing. A rerun with a different checkpoint or
    decoding setting into the same ``output_dir`` is refused instead of mixing outputs.
 3. Score, and write ``results.json`` and ``results.md`` (also printed). CHAIR counts mentions
    with ``chair.mode``: ``reference`` (default, the original script's counting, comparable to
@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import utils
 
+from povid.answering import LlavaAnswerer, answer_requests_file, read_answer_requests
 from povid.config import parse
 from povid.metrics.chair import DEFAULT_CHAIR_MODE, check_chair_mode, evaluate_chair, read_captions
 from povid.metrics.coco import CocoAnnotations, load_coco
@@ -52,7 +53,6 @@ from povid.metrics.pope import (
 )
 from povid.metrics.report import make_result, results_markdown, write_results
 from povid_data.jsonl import ResumableJsonlWriter, read_records
-from povid_generate import GenerateRecipe
 
 log = utils.get_logger("INFO")
 
@@ -283,33 +283,6 @@ class EvalRecipe:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(protocol, indent=2) + "\n", encoding="utf-8")
 
-    def _generate_config(self, data_file: Path, output_file: Path) -> DictConfig:
-        """A ``povid_generate`` config for the requests: greedy, our pinned settings."""
-        cfg = self.cfg
-        return OmegaConf.create(
-            {
-                "checkpoint_dir": str(cfg.checkpoint_dir),
-                "clip_dir": cfg.get("clip_dir"),
-                "output_dir": str(self.output_dir),
-                "image": None,
-                "prompt": cfg.prompt,
-                "data_file": str(data_file),
-                "image_dir": str(cfg.image_dir),
-                "output_file": str(output_file),
-                "image_mode": cfg.image_mode,
-                "batch_size": cfg.batch_size,
-                "max_new_tokens": cfg.max_new_tokens,
-                # The protocol is greedy decoding: no sampling knobs in the eval configs.
-                "temperature": 0.0,
-                "top_p": 1.0,
-                "top_k": None,
-                "seed": cfg.seed,
-                "device": cfg.device,
-                "dtype": cfg.dtype,
-                "quantization": cfg.get("quantization"),
-            }
-        )
-
     def _generate(self, requests: List[Dict[str, Any]]) -> Dict[str, str]:
         """Responses (by ``str(id)``) to ``{"id", "image", "prompt"}`` requests, generating only
         those not yet in ``generations.jsonl``."""
@@ -320,10 +293,11 @@ class EvalRecipe:
             pending = sum(1 for _ in writer.pending(requests))
         if pending:
             log.info(f"Generating {pending} of {len(requests)} answers into {output_file}")
-            generator = GenerateRecipe(self._generate_config(data_file, output_file))
-            generator.setup()
-            generator.run_file()
-            generator.cleanup()
+            # The protocol is greedy decoding: the eval configs have no sampling keys.
+            answerer = LlavaAnswerer.from_config(self.cfg, greedy=True)
+            answer_requests_file(answerer, read_answer_requests(data_file, self.cfg.image_dir), output_file,
+                                 batch_size=self.cfg.batch_size, source=str(data_file))  # fmt: skip
+            del answerer
         else:
             log.info(f"All {len(requests)} answers already in {output_file}")
         rows = {str(r["id"]): r for r in read_records(output_file)}

@@ -19,16 +19,12 @@ LLaVA with ``clip_dir=``); weight-only int8/int4 quantization with ``quantizatio
 
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
 
 from omegaconf import DictConfig
 from torchtune import utils
-from tqdm import tqdm
 
-from povid.answering import LlavaAnswerer, question_turns
+from povid.answering import LlavaAnswerer, answer_requests, answer_requests_file, read_answer_requests
 from povid.config import parse
-from povid_data.jsonl import ResumableJsonlWriter, read_records, require_field
-from povid_data.transforms import load_image
 
 log = utils.get_logger("INFO")
 
@@ -43,66 +39,19 @@ class GenerateRecipe:
         """Load model, tokenizer and transforms (the answerer shared with other recipes)."""
         self.answerer = LlavaAnswerer.from_config(self.cfg)
 
-    def answer(self, batch: List[Dict[str, Any]], source: str) -> List[str]:
-        """Answers for records with ``image`` (a path) and ``prompt``."""
-        wheres = [f"{source}: record id={record['id']!r}" for record in batch]
-        images = []
-        for record, where in zip(batch, wheres):
-            try:
-                images.append(load_image(record["image"]))
-            except (FileNotFoundError, ValueError) as e:
-                raise type(e)(f"{where}: field 'image': {e}") from None
-        turns = [question_turns(record["prompt"]) for record in batch]
-        return self.answerer.answer(turns, images, wheres)
-
     def run_single(self) -> str:
         """Answer ``cfg.image`` with ``cfg.prompt`` and print the answer."""
         record = {"id": "single", "image": self.cfg.image, "prompt": self.cfg.prompt}
-        response = self.answer([record], source="image=")[0]
+        response = answer_requests(self.answerer, [record], source="image=")[0]
         print(response)
         return response
 
     def run_file(self) -> Path:
         """Answer every record of ``cfg.data_file``; resumable. Returns the output path."""
         cfg = self.cfg
-        records = self._load_records(cfg.data_file)
-        out_path = Path(cfg.output_file)
-        with ResumableJsonlWriter(out_path) as writer:
-            todo = list(writer.pending(records))
-            if len(todo) < len(records):
-                log.info(f"Resuming: {len(records) - len(todo)} of {len(records)} already in {out_path}")
-            with tqdm(total=len(records), initial=len(records) - len(todo), desc="generate") as bar:
-                for i in range(0, len(todo), cfg.batch_size):
-                    batch = todo[i : i + cfg.batch_size]
-                    responses = self.answer(batch, source=str(cfg.data_file))
-                    writer.write(
-                        {
-                            "id": r["id"],
-                            "image": r["image_ref"],
-                            "prompt": r["prompt"],
-                            "response": text,
-                        }
-                        for r, text in zip(batch, responses)
-                    )
-                    bar.update(len(batch))
-        log.info(f"Wrote {out_path}")
-        return out_path
-
-    def _load_records(self, data_file: str) -> List[Dict[str, Any]]:
-        """Records with ``image`` resolved against ``image_dir``; ids must be unique."""
-        image_dir = Path(self.cfg.image_dir) if self.cfg.image_dir else Path(data_file).parent
-        records, seen = [], set()
-        for raw in read_records(data_file):
-            rid = str(require_field(raw, "id", data_file, kind=(str, int)))
-            if rid in seen:
-                raise ValueError(f"{data_file}: record id={rid!r} appears twice")
-            seen.add(rid)
-            image_ref = require_field(raw, "image", data_file)
-            prompt = raw.get("prompt") or self.cfg.prompt
-            records.append(
-                {"id": raw["id"], "image": str(image_dir / image_ref), "image_ref": image_ref, "prompt": prompt}
-            )
-        return records
+        requests = read_answer_requests(cfg.data_file, cfg.image_dir, default_prompt=cfg.prompt)
+        return answer_requests_file(self.answerer, requests, cfg.output_file, batch_size=cfg.batch_size,
+                                    source=str(cfg.data_file))  # fmt: skip
 
     def cleanup(self) -> None:
         """Free the model."""

@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 import povid_eval
-import povid_generate
 from _coco import file_name, write_coco
 from povid.cli import main as povid_main
 from povid.metrics.chair import evaluate_chair, find_objects
@@ -45,15 +44,17 @@ def _lines(path):
 
 @pytest.fixture
 def count_generated(monkeypatch):
-    """Count the records povid_generate's answer step receives (to prove resumption)."""
+    """Count the records the answering loop (povid.answering) generates for (to prove resumption)."""
+    import povid.answering
+
     seen = []
-    original = povid_generate.GenerateRecipe.answer
+    original = povid.answering.answer_requests
 
-    def answer(self, batch, source):
+    def answer(answerer, batch, source):
         seen.extend(r["id"] for r in batch)
-        return original(self, batch, source)
+        return original(answerer, batch, source)
 
-    monkeypatch.setattr(povid_generate.GenerateRecipe, "answer", answer)
+    monkeypatch.setattr(povid.answering, "answer_requests", answer)
     return seen
 
 
