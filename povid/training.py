@@ -22,7 +22,6 @@ from torch.distributed.fsdp import fully_shard
 from torchtune.modules.model_fusion import get_fusion_params
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from povid_data.distort import noise_seed
 from povid_data.transforms import IGNORE_INDEX
 
 __all__ = [
@@ -63,7 +62,6 @@ __all__ = [
     "fingerprint",
     "restore_step_checkpoint",
     "vision_param_groups",
-    "online_noise_seed",
 ]
 
 
@@ -670,10 +668,3 @@ def vision_param_groups(model: nn.Module, lr: float, vision_lr_scale: float = 1.
     if tower:
         groups.append({"params": tower, "lr": lr * vision_lr_scale})
     return groups
-
-
-def online_noise_seed(record_id: object, epoch: int, seed: int) -> int:
-    """The seed of a record's online noise in ``epoch``: fresh every epoch, yet the same in every
-    run, batch and resume. ``povid_dpo`` (online noise) and ``povid_audit`` (``noise.source:
-    online``, epoch 0) draw the noisy image from it, so the audit sees what training saw first."""
-    return noise_seed(f"{record_id}@epoch{epoch}", seed)

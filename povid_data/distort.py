@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import operator
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
@@ -48,6 +49,8 @@ __all__ = [
     "noise_schedule",
     "noise_coefficients",
     "noise_seed",
+    "online_noise_seed",
+    "RecordNoise",
     "noise_generator",
     "add_noise",
     "to_uint8",
@@ -186,3 +189,40 @@ def distort_image(
     if seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
     return uint8_to_pil(distort_pixels(pil_to_unit(image), step, generator=generator, overflow=overflow))
+
+
+def online_noise_seed(record_id: object, epoch: int, seed: int) -> int:
+    """The seed of a record's online noise in ``epoch``: fresh every epoch, yet the same in every
+    run, batch and resume. ``povid_dpo`` (online noise) and ``povid_audit`` (``noise.source:
+    online``, epoch 0) draw the noisy image from it, so the audit sees what training saw first."""
+    return noise_seed(f"{record_id}@epoch{epoch}", seed)
+
+
+@dataclass(frozen=True)
+class RecordNoise:
+    """The noised copy of a record's image, as a preference dataset asks for it
+    (``noise(image, record_id, epoch)``).
+
+    A plain picklable object (DataLoader workers under spawn get a copy of it, not of a recipe).
+    ``per_epoch=False``: the image ``povid_distort`` showed the model (seeded by id and its
+    ``seed``, the same every epoch); ``per_epoch=True``: online noise, fresh each epoch
+    (:func:`online_noise_seed`); ``fixed_epoch`` pins that epoch (the audit's one pass is epoch 0).
+    """
+
+    step: int
+    overflow: str
+    seed: int
+    per_epoch: bool
+    fixed_epoch: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.overflow not in OVERFLOW_MODES:
+            raise ValueError(f"noise overflow must be one of {OVERFLOW_MODES}, got {self.overflow!r}")
+
+    def __call__(self, image: PIL.Image.Image, record_id: object, epoch: int) -> PIL.Image.Image:
+        if self.per_epoch:
+            epoch = epoch if self.fixed_epoch is None else self.fixed_epoch
+            seed = online_noise_seed(record_id, epoch, self.seed)
+        else:
+            seed = noise_seed(record_id, self.seed)
+        return distort_image(image, self.step, seed=seed, overflow=self.overflow)

@@ -49,10 +49,9 @@ from povid.training import (
     answer_targets,
     answer_token_counts,
     encode_images,
-    online_noise_seed,
     row_logits,
 )
-from povid_data.distort import OVERFLOW_MODES, distort_image, noise_coefficients
+from povid_data.distort import OVERFLOW_MODES, RecordNoise, noise_coefficients
 from povid_data.jsonl import ResumableJsonlWriter, read_records
 from povid_data.preference_dataset import PreferenceDataset, collate_preferences
 from povid_data.records import resolve_image
@@ -164,7 +163,9 @@ class AuditRecipe:
         images = LlavaImageTransform(cfg.image_mode, size=self.args.image_size)
         noise_fn = None
         if self.online_noise:
-            noise_fn = partial(self._online_noise_image, step=cfg.noise.step, overflow=cfg.noise.overflow)
+            # Epoch 0 of povid_dpo's online noise with the same seed: the noisy image training sees first.
+            noise_fn = RecordNoise(step=cfg.noise.step, overflow=cfg.noise.overflow, seed=cfg.seed, per_epoch=True,
+                                   fixed_epoch=0)  # fmt: skip
         self.dataset = AuditDataset(
             cfg.data_file,
             messages,
@@ -184,11 +185,6 @@ class AuditRecipe:
                 self.dataset.null_image_path(record)
         self.dataset_index = {str(r["id"]): i for i, r in enumerate(self.dataset.records)}
         self.model = load_llava(cfg.checkpoint_dir, clip_dir=cfg.clip_dir, device=self.device, dtype=self.dtype)
-
-    def _online_noise_image(self, image: PIL.Image.Image, record_id: str, epoch: int, *, step: int, overflow: str):
-        # Epoch 0 of povid_dpo's online noise with the same seed: the noisy image training sees first.
-        del epoch  # the audit is one pass: always epoch 0
-        return distort_image(image, step, seed=online_noise_seed(record_id, 0, self.cfg.seed), overflow=overflow)
 
     def settings(self) -> Dict[str, Any]:
         """What the rows depend on: a resumed run must use the same."""

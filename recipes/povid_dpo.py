@@ -70,7 +70,6 @@ from povid.training import (
     link_final,
     mean_over_ranks,
     mixed_precision,
-    online_noise_seed,
     peak_memory_gb,
     restore_step_checkpoint,
     row_logits,
@@ -81,8 +80,8 @@ from povid.training import (
     shard_llava,
     upcast_trainable,
 )
-from povid_data.distort import distort_image, noise_seed
-from povid_data.preference_dataset import PreferenceDataset, collate_preferences
+from povid_data.distort import RecordNoise
+from povid_data.preference_dataset import collate_preferences
 from povid_data.tokenizer import LlavaTokenizer
 from povid_data.transforms import LlavaImageTransform, LlavaMessageTransform
 
@@ -222,15 +221,16 @@ class POVIDDPORecipe:
         images = LlavaImageTransform(cfg.image_mode, size=args.image_size)
         noise_fn = None
         if self.noise_source == "online" or cfg.noise.condition == "noisy":
-            noise_fn = partial(self._distort, step=cfg.noise.step, overflow=cfg.noise.overflow)
-        self.dataset = PreferenceDataset(
-            cfg.data_file,
-            messages,
-            images,
-            image_dir=cfg.image_dir,
-            use_noise_answers=self.noise_source == "dataset",
-            noise_fn=noise_fn,
-        )
+            online = self.noise_source == "online"
+            # Dataset answers are scored on the very image povid_distort showed the model;
+            # online noise is fresh every epoch yet reproducible, so a resumed run sees the same.
+            noise_fn = RecordNoise(step=cfg.noise.step, overflow=cfg.noise.overflow, per_epoch=online,
+                                   seed=cfg.seed if online else cfg.noise.stage2_seed)  # fmt: skip
+        # The dataset block names the builder (a user's own takes the same keyword arguments).
+        self.dataset = config.instantiate(
+            cfg.dataset, message_transform=messages, image_transform=images,
+            use_noise_answers=self.noise_source == "dataset", noise_fn=noise_fn,
+        )  # fmt: skip
         # Same shuffled order for any world size: rank r takes positions r, r + world, ...
         self.sampler = DistributedSampler(
             self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=cfg.seed
@@ -242,15 +242,6 @@ class POVIDDPORecipe:
             collate_fn=partial(collate_preferences, pad_id=args.pad_token_id),
             num_workers=cfg.get("num_workers", 0),
         )
-
-    def _distort(self, image, record_id: str, epoch: int, *, step: int, overflow: str):
-        if self.noise_source == "dataset":
-            # The very image povid_distort showed the model (seeded by id and its seed).
-            seed = noise_seed(record_id, self.cfg.noise.stage2_seed)
-        else:
-            # Online noise is fresh every epoch yet reproducible, so a resumed run sees the same.
-            seed = online_noise_seed(record_id, epoch, self.cfg.seed)
-        return distort_image(image, step, seed=seed, overflow=overflow)
 
     # ------------------------------------------------------------------------- forward
 

@@ -125,6 +125,28 @@ def test_config_blocks_reach_the_run(tmp_path, tiny_checkpoint, preference_data)
     assert projector and all(not torch.equal(merged[k], base[k]) for k in projector)
 
 
+def test_a_users_dataset_builder_replaces_ours(tmp_path, tiny_checkpoint, preference_data, monkeypatch):
+    """`dataset._component_=` points at any builder; the recipe passes it the transforms and
+    noise settings and trains on what it returns."""
+    module = tmp_path / "my_data.py"
+    module.write_text(
+        "from povid_data.preference_dataset import PreferenceDataset\n"
+        "CALLS = []\n"
+        "def first_four(source, *, keep, **kwargs):\n"
+        "    CALLS.append(sorted(kwargs))\n"
+        "    dataset = PreferenceDataset(source, **kwargs)\n"
+        "    dataset.records = dataset.records[:keep]\n"
+        "    return dataset\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = _run("povid_tiny_lora", tiny_checkpoint, preference_data, tmp_path / "out", "batch_size=2",
+                "dataset._component_=my_data.first_four", "dataset.keep=4", "save_merged=false")  # fmt: skip
+    import my_data
+
+    assert my_data.CALLS == [["image_dir", "image_transform", "message_transform", "noise_fn", "use_noise_answers"]]
+    assert len(rows) == 2  # 4 records at batch 2: one epoch is two steps
+
+
 def test_non_finite_loss_stops_and_names_last_checkpoint(tmp_path, tiny_checkpoint, preference_data, monkeypatch):
     from povid.loss import POVIDLoss
 
