@@ -117,7 +117,8 @@ def run_seed(
         "dpo_noise": ["loss.beta1=0"],
     }
     models = {"base": base}
-    names = {"base": "base", "sft_more": "sft_more"}
+    # The control follows the DPO variants' learning rate: a --dpo override gets its own control.
+    names = {"base": "base", "sft_more": f"sft_more{suffix}" if dpo_extra else "sft_more"}
     for variant, overrides in dpo_variants.items():
         if variant in variants:
             names[variant] = f"{variant}{suffix}"
@@ -130,7 +131,7 @@ def run_seed(
         rows = 3 * settings.dpo_batch_size
         lr = next(o.split("=", 1)[1] for o in [*settings.dpo_overrides, *dpo_extra] if o.startswith("optimizer.lr="))
         models["sft_more"] = demo.sft(
-            "sft_more", checkpoint_dir=base, data_file=demo.world_dir / "pref.json", batch_size=rows,
+            names["sft_more"], checkpoint_dir=base, data_file=demo.world_dir / "pref.json", batch_size=rows,
             epochs=math.ceil(dpo_steps * rows / n_pref), max_steps=dpo_steps, lr=float(lr),
             title="llava_sft: same-compute SFT control",
         )  # fmt: skip
