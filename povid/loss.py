@@ -17,11 +17,12 @@ chosen answer (mean per token) guards against likelihood collapse.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchtune.rlhf import get_batch_log_probs
 
 __all__ = [
@@ -72,12 +73,13 @@ class PreferenceLogProbs:
     chosen_tokens: Optional[torch.Tensor] = None  # answer tokens per chosen row, for the NLL term
 
 
-@dataclass
-class POVIDLoss:
-    """The preference objective, chosen and weighted by config.
+class POVIDLoss(nn.Module):
+    """The preference objective, chosen and weighted by config; ``forward`` returns
+    ``(loss, metrics)`` (an ``nn.Module``: no state is left behind for a later call to read).
 
     Args:
-        objective: ``dpo``, ``povid`` or ``povid_released``.
+        objective: ``dpo``, ``povid`` or ``povid_released`` (``povid_reference``, its old name,
+            still works with a deprecation warning).
         beta: inverse temperature of the log-ratio margin (0.1 in POVID).
         alpha, beta1, beta2: weights of the chosen, text and noise log-ratios (``povid`` only).
         loss_type: ``sigmoid``, ``ipo`` or ``hinge``.
@@ -85,28 +87,42 @@ class POVIDLoss:
         chosen_nll_weight: weight of the per-token NLL of the chosen answer (0 = off).
     """
 
-    objective: str = "povid"
-    beta: float = 0.1
-    alpha: float = 1.0
-    beta1: float = 1.0
-    beta2: float = 1.0
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    chosen_nll_weight: float = 0.0
-    metrics: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.objective in DEPRECATED_OBJECTIVES:
-            new = DEPRECATED_OBJECTIVES[self.objective]
-            warnings.warn(f"objective {self.objective!r} is deprecated: use {new!r} (the same loss)",
+    def __init__(
+        self,
+        objective: str = "povid",
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        beta1: float = 1.0,
+        beta2: float = 1.0,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        chosen_nll_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if objective in DEPRECATED_OBJECTIVES:
+            new = DEPRECATED_OBJECTIVES[objective]
+            warnings.warn(f"objective {objective!r} is deprecated: use {new!r} (the same loss)",
                           DeprecationWarning, stacklevel=2)  # fmt: skip
-            self.objective = new
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            objective = new
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.objective = objective
+        self.beta = beta
+        self.alpha = alpha
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.chosen_nll_weight = chosen_nll_weight
+
+    def extra_repr(self) -> str:
+        return (f"objective={self.objective!r}, beta={self.beta}, alpha={self.alpha}, beta1={self.beta1}, "
+                f"beta2={self.beta2}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
+                f"chosen_nll_weight={self.chosen_nll_weight}")  # fmt: skip
 
     @property
     def uses_noise(self) -> bool:
@@ -123,8 +139,8 @@ class POVIDLoss:
         eps = self.label_smoothing
         return -(1 - eps) * F.logsigmoid(scaled) - eps * F.logsigmoid(-scaled)
 
-    def __call__(self, lp: PreferenceLogProbs) -> torch.Tensor:
-        """Mean loss over the batch; per-term values and rewards land in ``self.metrics``."""
+    def forward(self, lp: PreferenceLogProbs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Mean loss over the batch, and the detached per-term values, rewards and accuracies."""
         r_w = lp.chosen - lp.ref_chosen
         r_text = lp.rejected - lp.ref_rejected
         has_noise = (
@@ -175,5 +191,4 @@ class POVIDLoss:
             metrics["loss/chosen_nll"] = nll.detach()
             loss = loss + self.chosen_nll_weight * nll
         metrics["loss"] = loss.detach()
-        self.metrics = metrics
-        return loss
+        return loss, metrics

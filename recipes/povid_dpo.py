@@ -473,10 +473,11 @@ class POVIDDPORecipe:
                     continue  # resumed: these batches were consumed before the stop
                 batch = self._to_device(batch)
                 with self._mixed_precision():
-                    loss = self.loss_fn(self._preference_logprobs(batch)) / accumulation
+                    loss, metrics = self.loss_fn(self._preference_logprobs(batch))
+                    loss = loss / accumulation
                 self._check_finite(loss, "loss")
                 loss.backward()
-                for key, value in self.loss_fn.metrics.items():
+                for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) / accumulation
                 tokens_seen += int((batch["labels"] != -100).sum())
                 self.batches_done_in_epoch = index + 1

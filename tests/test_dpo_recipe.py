@@ -150,15 +150,15 @@ def test_a_users_dataset_builder_replaces_ours(tmp_path, tiny_checkpoint, prefer
 def test_non_finite_loss_stops_and_names_last_checkpoint(tmp_path, tiny_checkpoint, preference_data, monkeypatch):
     from povid.loss import POVIDLoss
 
-    original = POVIDLoss.__call__
+    original = POVIDLoss.forward
     calls = {"n": 0}
 
     def nan_on_sixth_batch(self, lp):
         calls["n"] += 1
-        loss = original(self, lp)
-        return loss * float("nan") if calls["n"] == 6 else loss
+        loss, metrics = original(self, lp)
+        return (loss * float("nan") if calls["n"] == 6 else loss), metrics
 
-    monkeypatch.setattr(POVIDLoss, "__call__", nan_on_sixth_batch)
+    monkeypatch.setattr(POVIDLoss, "forward", nan_on_sixth_batch)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 6 .*step_4"):
         _run("povid_tiny_lora", tiny_checkpoint, preference_data, tmp_path, "epochs=3", "save_every_n_steps=4")
     assert (tmp_path / "step_4" / "recipe_state.pt").exists()

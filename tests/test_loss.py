@@ -27,22 +27,22 @@ def _log_sigmoid(x):
 
 
 def test_dpo_sigmoid():
-    loss = POVIDLoss(objective="dpo", beta=0.1)(_logprobs())
+    loss, _ = POVIDLoss(objective="dpo", beta=0.1)(_logprobs())
     expected = sum(-_log_sigmoid(0.1 * (w - t)) for w, t in zip(R_W, R_TEXT)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_povid_paper_single_sigmoid_with_weights():
     fn = POVIDLoss(objective="povid", beta=0.5, alpha=2.0, beta1=0.7, beta2=0.3)
-    loss = fn(_logprobs())
+    loss, metrics = fn(_logprobs())
     first = -_log_sigmoid(0.5 * (2.0 * R_W[0] - (0.7 * R_TEXT[0] + 0.3 * R_NOISE[0])))
     second = -_log_sigmoid(0.5 * (2.0 * R_W[1] - 0.7 * R_TEXT[1]))  # no noise answer
     assert loss.item() == pytest.approx((first + second) / 2, rel=1e-6)
-    assert fn.metrics["rewards/noise"].item() == pytest.approx(0.5 * R_NOISE[0])
+    assert metrics["rewards/noise"].item() == pytest.approx(0.5 * R_NOISE[0])
 
 
 def test_povid_released_two_sigmoids():
-    loss = POVIDLoss(objective="povid_released", beta=0.1)(_logprobs())
+    loss, _ = POVIDLoss(objective="povid_released", beta=0.1)(_logprobs())
     first = 0.5 * -_log_sigmoid(0.1 * (R_W[0] - R_TEXT[0])) + 0.5 * -_log_sigmoid(
         0.1 * (R_W[0] - R_NOISE[0])
     )
@@ -58,20 +58,21 @@ def test_povid_released_two_sigmoids():
     ],
 )
 def test_ipo_and_hinge(loss_type, f):
-    loss = POVIDLoss(objective="dpo", beta=0.2, loss_type=loss_type)(_logprobs())
+    loss, _ = POVIDLoss(objective="dpo", beta=0.2, loss_type=loss_type)(_logprobs())
     expected = sum(f(w - t, 0.2) for w, t in zip(R_W, R_TEXT)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_label_smoothing_and_chosen_nll():
     fn = POVIDLoss(objective="dpo", beta=0.1, label_smoothing=0.2, chosen_nll_weight=0.5)
-    loss = fn(_logprobs(chosen_tokens=torch.tensor([5, 10])))
+    loss, metrics = fn(_logprobs(chosen_tokens=torch.tensor([5, 10])))
     dpo = sum(
         -0.8 * _log_sigmoid(0.1 * (w - t)) - 0.2 * _log_sigmoid(-0.1 * (w - t))
         for w, t in zip(R_W, R_TEXT)
     ) / 2
     nll = (10.0 / 5 + 20.0 / 10) / 2
     assert loss.item() == pytest.approx(dpo + 0.5 * nll, rel=1e-6)
+    assert metrics["loss/chosen_nll"].item() == pytest.approx(nll, rel=1e-6)
 
 
 def test_bad_settings_are_rejected():
@@ -79,3 +80,11 @@ def test_bad_settings_are_rejected():
         POVIDLoss(objective="ppo")
     with pytest.raises(ValueError, match="loss_type"):
         POVIDLoss(loss_type="square")
+
+
+def test_loss_is_a_module_returning_loss_and_metrics():
+    fn = POVIDLoss(objective="povid")
+    assert isinstance(fn, torch.nn.Module) and "objective='povid'" in repr(fn)
+    loss, metrics = fn(_logprobs())
+    assert loss.ndim == 0
+    assert metrics["loss"].item() == pytest.approx(loss.item()) and "rewards/accuracy" in metrics
