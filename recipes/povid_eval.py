@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from torchtune import utils
 
 from povid.answering import LlavaAnswerer, answer_requests_file, read_answer_requests
