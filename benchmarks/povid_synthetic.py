@@ -129,7 +129,8 @@ def run_seed(
         n_pref = settings.world.pref
         dpo_steps = math.ceil(n_pref / settings.dpo_batch_size) * settings.dpo_epochs
         rows = 3 * settings.dpo_batch_size
-        lr = next(o.split("=", 1)[1] for o in [*settings.dpo_overrides, *dpo_extra] if o.startswith("optimizer.lr="))
+        # The last optimizer.lr wins, as on the tune command line (a --dpo override after the demo's).
+        lr = [o.split("=", 1)[1] for o in [*settings.dpo_overrides, *dpo_extra] if o.startswith("optimizer.lr=")][-1]
         models["sft_more"] = demo.sft(
             names["sft_more"], checkpoint_dir=base, data_file=demo.world_dir / "pref.json", batch_size=rows,
             epochs=math.ceil(dpo_steps * rows / n_pref), max_steps=dpo_steps, lr=float(lr),
