@@ -619,6 +619,9 @@ def run_demo(
     _say("companion %: captions naming the absent companion of an object that is there")
     _say(f"base criteria (also in {demo.out / 'base_criteria.md'}):")
     print(criteria)
+    _say("one seed, one run: the 3-seed benchmark with text-only and noise-only DPO and a same-compute SFT")
+    _say("control (benchmarks/povid_synthetic.py; README, 'Does POVID cut hallucination here?') found POVID")
+    _say("no better than those controls on this world")
     _say(f"figure: {figure}    table: {demo.out / 'summary.md'}")
     _say(f"total {elapsed / 60:.1f} min (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo.seconds.items()) + ")")
     return {"rows": rows, "table": table, "criteria": criteria, "figure": figure, "seconds": demo.seconds,
