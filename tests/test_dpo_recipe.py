@@ -1,6 +1,5 @@
 """povid_dpo end to end on a tiny LLaVA: learning, variants, checkpoints, resume, FSDP2."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +9,12 @@ import torch
 from omegaconf import OmegaConf
 
 import povid_dpo
+from _recipes import crash_at, metrics, run_recipe
 from povid.checkpoint import load_llava
 
 
-def _metrics(output_dir):
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def _run(config, ckpt, data, out, *overrides):
-    povid_dpo.main(
-        ["--config", config, f"checkpoint_dir={ckpt}", f"data_file={data}", f"output_dir={out}",
-         *overrides]
-    )  # fmt: skip
-    return _metrics(out)
+    return run_recipe(povid_dpo.main, config, ckpt, data, out, *overrides)
 
 
 def test_lora_learns_over_50_steps(tmp_path, tiny_checkpoint, preference_data):
@@ -36,21 +28,11 @@ def test_lora_learns_over_50_steps(tmp_path, tiny_checkpoint, preference_data):
     assert {"rewards/noise", "loss/noise_term", "lr", "tokens_per_second", "peak_memory_gb"} <= set(rows[-1])
 
 
-def test_resume_gives_the_same_losses(tmp_path, tiny_checkpoint, preference_data, monkeypatch):
+def test_resume_gives_the_same_losses(tmp_path, tiny_checkpoint, preference_data):
     args = ("epochs=3", "save_every_n_steps=2", "save_merged=false")
     full = _run("povid_tiny_lora", tiny_checkpoint, preference_data, tmp_path / "a", *args)
-
-    original_log = povid_dpo.POVIDDPORecipe._log
-
-    def crash_at_step_7(self, metrics):
-        original_log(self, metrics)
-        if self.global_step == 7:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(povid_dpo.POVIDDPORecipe, "_log", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
-        _run("povid_tiny_lora", tiny_checkpoint, preference_data, tmp_path / "b", *args)
-    monkeypatch.setattr(povid_dpo.POVIDDPORecipe, "_log", original_log)
+        _run("povid_tiny_lora", tiny_checkpoint, preference_data, tmp_path / "b", *args, *crash_at(7))
     resumed = _run(
         "povid_tiny_lora", tiny_checkpoint, preference_data, tmp_path / "b", *args,
         "resume_from_checkpoint=true",
@@ -176,7 +158,7 @@ def test_fsdp2_on_two_processes_matches_one_process(tmp_path, tiny_checkpoint, p
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    distributed = _metrics(tmp_path / "two")
+    distributed = metrics(tmp_path / "two")
     # Same global batch (2 ranks x 2 = 4): the loss curves agree to float32 reduction noise.
     assert [r["loss"] for r in distributed] == pytest.approx([r["loss"] for r in single], abs=1e-5)
     assert (tmp_path / "two" / "step_8" / "model" / "model.safetensors").exists()

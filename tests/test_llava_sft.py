@@ -1,11 +1,11 @@
 """llava_sft end to end on a tiny LLaVA: the loss falls, checkpoints load, resume is exact."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import llava_sft
+from _recipes import crash_at, run_recipe
 from _shapes import save_shape_image
 from povid.checkpoint import load_llava
 from povid.training import per_answer_cross_entropy, shifted_cross_entropy
@@ -33,14 +33,8 @@ def sft_data(tmp_path_factory):
     return path
 
 
-def _metrics(output_dir):
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def _run(config, ckpt, data, out, *overrides):
-    llava_sft.main(["--config", config, f"checkpoint_dir={ckpt}", f"data_file={data}", f"output_dir={out}",
-                    "batch_size=4", *overrides])  # fmt: skip
-    return _metrics(out)
+    return run_recipe(llava_sft.main, config, ckpt, data, out, "batch_size=4", *overrides)
 
 
 def test_shifted_cross_entropy_shifts_labels():
@@ -88,20 +82,11 @@ def test_full_sft_learns_and_saves_a_loadable_model(tmp_path, tiny_checkpoint, s
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in merged.state_dict().items() if ".clip_tail." in k)
 
 
-def test_resume_gives_the_same_losses(tmp_path, tiny_checkpoint, sft_data, monkeypatch):
+def test_resume_gives_the_same_losses(tmp_path, tiny_checkpoint, sft_data):
     args = ("epochs=3", "save_every_n_steps=4", "save_merged=false")
     full = _run("llava_sft_tiny_full", tiny_checkpoint, sft_data, tmp_path / "a", *args)
-    original_log = llava_sft.LlavaSFTRecipe._log
-
-    def crash_at_step_7(self, metrics):
-        original_log(self, metrics)
-        if self.global_step == 7:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(llava_sft.LlavaSFTRecipe, "_log", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
-        _run("llava_sft_tiny_full", tiny_checkpoint, sft_data, tmp_path / "b", *args)
-    monkeypatch.setattr(llava_sft.LlavaSFTRecipe, "_log", original_log)
+        _run("llava_sft_tiny_full", tiny_checkpoint, sft_data, tmp_path / "b", *args, *crash_at(7))
     resumed = _run("llava_sft_tiny_full", tiny_checkpoint, sft_data, tmp_path / "b", *args, "resume_from_checkpoint=true")
     assert [r["step"] for r in resumed] == list(range(1, 16))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-5)
