@@ -185,7 +185,7 @@ def _renamed(key: str) -> str | None:
     return None
 
 
-def check_override_keys(yaml_cfg: "DictConfig", overrides: Sequence[str], config_file: str = "") -> None:
+def check_override_keys(yaml_cfg: "DictConfig", overrides: Sequence[str]) -> None:
     """Reject command-line overrides whose key the config does not have.
 
     OmegaConf adds any key it is given, so without this check a typo (``los.beta=0.2``) or
@@ -197,7 +197,6 @@ def check_override_keys(yaml_cfg: "DictConfig", overrides: Sequence[str], config
     Args:
         yaml_cfg: the config file as loaded, before the overrides.
         overrides: torchtune's command-line items (``key=value`` or ``~key``).
-        config_file: named in the error.
 
     Raises:
         ValueError: an unknown key; the message names it and the closest valid key.
@@ -213,13 +212,12 @@ def check_override_keys(yaml_cfg: "DictConfig", overrides: Sequence[str], config
         parts = key.split(".")
         if any(".".join(parts[:i]) in components for i in range(1, len(parts))):
             continue
-        where = f" in {config_file}" if config_file else ""
         new = _renamed(key)
         if new is not None:
             raise ValueError(f"config: {key!r} was renamed: use {new!r}")
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else " (no key of that config is close; the config file lists them all)"
-        raise ValueError(f"config: unknown key {key!r}{where}{hint}")
+        raise ValueError(f"config: unknown key {key!r}{hint}")
 
 
 def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:

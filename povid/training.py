@@ -466,8 +466,8 @@ def merged_for_save(
     base: Dict[str, torch.Tensor],
     trainable: Set[str],
     *,
-    lora_rank: int,
-    lora_alpha: float,
+    lora_rank: Optional[int],
+    lora_alpha: Optional[float],
     save_dtype: torch.dtype,
 ) -> Dict[str, torch.Tensor]:
     """The model to save, with LoRA merged in fp32 against the checkpoint's own weights.
@@ -512,8 +512,8 @@ def save_step_checkpoint(
     lora: bool,
     save_model: bool,
     save_dtype: Optional[torch.dtype] = None,
-    lora_rank: int = 1,
-    lora_alpha: float = 1.0,
+    lora_rank: Optional[int] = None,
+    lora_alpha: Optional[float] = None,
     adapter_config: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Write ``step_dir``: ``adapter/`` (LoRA), ``model/`` (merged llava-hf weights, when
@@ -523,7 +523,8 @@ def save_step_checkpoint(
     for an exact resume. ``checkpointer`` is the run's :class:`povid.checkpoint.LlavaCheckpointer`
     (its output dir is ``step_dir``'s parent); the model is merged against the weights it loads
     (:func:`merged_for_save`) and saved in ``save_dtype`` (``None``: the checkpoint's own).
-    ``lora_rank`` and ``lora_alpha`` scale the merge of a LoRA model (:func:`lora_rank_alpha`)."""
+    ``lora_rank`` and ``lora_alpha`` scale the merge of a LoRA model (:func:`lora_rank_alpha`);
+    a model without adapters needs neither."""
     trainable = trainable_state_keys(trainable)
     trained = {k: v for k, v in state.items() if k in trainable}
     if lora:
@@ -609,7 +610,7 @@ def save_training_checkpoint(
     if is_rank_zero:
         # The merge scale comes from the adapters that were built, not from a second copy of
         # the config's rank and alpha.
-        rank, alpha = lora_rank_alpha(model) if lora else (1, 1.0)
+        rank, alpha = lora_rank_alpha(model) if lora else (None, None)
         save_step_checkpoint(
             checkpointer, step_dir, state, trainable, {**progress, "optimizer": optimizer_state},
             lora=lora, save_model=save_model or final, save_dtype=save_dtype, lora_rank=rank,

@@ -15,8 +15,9 @@ What a run does:
    random / popular / adversarial questions from the instances (or read ``questions_file``).
 2. Generate greedily with ``prompt`` and ``max_new_tokens`` through the library's answering
    loop (:mod:`povid.answering`, the one ``povid_generate`` uses: same batching, KV cache and
-   resumable ``generations.jsonl``): a rerun after a crash only generates what is missing. A rerun with a different checkpoint or
-   decoding setting into the same ``output_dir`` is refused instead of mixing outputs.
+   resumable ``generations.jsonl``): a rerun after a crash only generates what is missing. A
+   rerun with a different checkpoint or decoding setting into the same ``output_dir`` is
+   refused instead of mixing outputs.
 3. Score, and write ``results.json`` and ``results.md`` (also printed). CHAIR counts mentions
    with ``chair.mode``: ``reference`` (default, the original script's counting, comparable to
    published numbers) or ``corrected`` (see ``povid/metrics/CHAIR.md``); ``results.json``
