@@ -68,7 +68,7 @@ class DemoSettings:
     """Sizes and hyperparameters of one demo run (``DEMO_SIZES`` holds the two presets)."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
-    sft_epochs: int = 3
+    sft_epochs: int = 4
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
     sft_max_steps: Optional[int] = None
