@@ -162,8 +162,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo",
         help="Run the whole POVID pipeline offline on a synthetic world (CPU, ~15 min)",
         description="Make a synthetic world, train its base LLaVA (llava_sft), build POVID's "
-        "preference data (povid_hallucinate rules, povid_distort), train it (povid_dpo) and "
-        "evaluate base and POVID (povid_eval: CHAIR, POPE). Each stage is a `tune run` command; "
+        "preference data (povid_hallucinate with the world's scene-level backend, povid_distort), "
+        "audit the pairs (povid_audit), train (povid_dpo) and evaluate base and POVID "
+        "(povid_eval: CHAIR, POPE). Each stage is a `tune run` command; "
         "a rerun reuses finished stages. Nothing is downloaded.",
     )
     demo.add_argument("--output-dir", default="povid_outputs/demo", help="where everything goes")
