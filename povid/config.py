@@ -161,6 +161,7 @@ def load_config(argv: Sequence[str] | None = None, description: str | None = Non
 RENAMED_KEYS: dict[str, str] = {
     "objective": "loss",
     "projector_trainable": "model.projector_trainable",
+    "warmup_ratio": "lr_scheduler.warmup_ratio",
 }
 
 

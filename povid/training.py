@@ -25,6 +25,9 @@ from torchtune.modules.peft import get_adapter_params, set_trainable_params
 from povid_data.transforms import IGNORE_INDEX
 
 __all__ = [
+    "cosine_schedule_with_warmup_ratio",
+    "setup_profiler",
+    "plan_run",
     "is_lora_model",
     "set_trainable",
     "built_projector_trainable",
@@ -159,6 +162,62 @@ def disable_dropout(model: nn.Module) -> int:
             module.attn_dropout = 0.0
             switched += 1
     return switched
+
+
+def plan_run(
+    n_batches: int, accumulation: int, epochs: int, max_steps_per_epoch: Optional[int], max_steps: Optional[int]
+) -> Tuple[int, int, int]:
+    """``(batches_per_epoch, steps_per_epoch, total_steps)`` of a training run.
+
+    An epoch consumes every batch of the dataloader, or as many as ``max_steps_per_epoch``
+    optimizer steps take (torchtune's key; None: no cap); the run lasts :func:`run_length`.
+    """
+    batches = n_batches
+    if max_steps_per_epoch is not None:
+        if max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1 or null, got {max_steps_per_epoch}")
+        batches = min(n_batches, max_steps_per_epoch * accumulation)
+    steps_per_epoch = -(-batches // accumulation)
+    return batches, steps_per_epoch, run_length(steps_per_epoch, epochs, max_steps)
+
+
+def cosine_schedule_with_warmup_ratio(
+    optimizer: torch.optim.Optimizer, num_training_steps: int, warmup_ratio: float = 0.03, num_cycles: float = 0.5
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """torchtune's cosine schedule with the warmup given as a share of the run, as POVID's
+    released scripts (TRL's ``warmup_ratio``) give it: ``round(warmup_ratio * steps)`` steps.
+
+    The training recipes call their ``lr_scheduler`` block with the optimizer and
+    ``num_training_steps``; torchtune's own ``get_cosine_schedule_with_warmup`` (with
+    ``num_warmup_steps``) fits the block as well.
+    """
+    from torchtune.training import get_cosine_schedule_with_warmup
+
+    if not 0.0 <= warmup_ratio <= 1.0:
+        raise ValueError(f"lr_scheduler.warmup_ratio must be in [0, 1], got {warmup_ratio}")
+    return get_cosine_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=int(round(warmup_ratio * num_training_steps)),
+        num_training_steps=num_training_steps,
+        num_cycles=num_cycles,
+    )
+
+
+def setup_profiler(profiler_cfg: Any) -> Any:
+    """The profiler of a training recipe's ``profiler`` block (torchtune's
+    ``setup_torch_profiler`` or a component of one's own); a no-op one without the block.
+
+    The recipe calls ``start()`` before its loop, ``step()`` after every optimizer step and
+    ``stop()`` at the end, as torchtune's recipes do.
+    """
+    from torchtune import config
+    from torchtune.training import DummyProfiler
+
+    if profiler_cfg is None:
+        return DummyProfiler()
+    built = config.instantiate(profiler_cfg)
+    # torchtune's setup_torch_profiler returns (profiler, its resolved config).
+    return built[0] if isinstance(built, tuple) else built
 
 
 def run_length(steps_per_epoch: int, epochs: int, max_steps: Optional[int]) -> int:

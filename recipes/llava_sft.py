@@ -27,7 +27,6 @@ Checkpoints (``${output_dir}/step_N``): adapters (LoRA), merged llava-hf model, 
 complete one, with the same batches, learning rate and optimizer state.
 """
 
-import math
 import sys
 import time
 from functools import partial
@@ -58,18 +57,18 @@ from povid.training import (
     mixed_precision,
     peak_memory_gb,
     per_answer_cross_entropy,
+    plan_run,
     restore_step_checkpoint,
-    run_length,
     save_training_checkpoint,
     set_trainable,
     set_vision_trainable,
+    setup_profiler,
     shard_llava,
     shifted_cross_entropy,
     upcast_trainable,
     vision_param_groups,
 )
 from povid_data.instruction_dataset import InstructionDataset, collate_instructions
-from povid_data.tokenizer import LlavaTokenizer
 from povid_data.transforms import IGNORE_INDEX, LlavaImageTransform, LlavaMessageTransform
 
 log = utils.get_logger("INFO")
@@ -101,7 +100,7 @@ class LlavaSFTRecipe:
         """Build the model, data, optimizer and schedule; resume if asked."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.checkpointer = LlavaCheckpointer(cfg.checkpoint_dir, self.output_dir, clip_dir=cfg.clip_dir)
+        self.checkpointer: LlavaCheckpointer = config.instantiate(cfg.checkpointer)
         base_state = self.checkpointer.load_checkpoint()["model"]
         with training.set_default_dtype(self.dtype), self.device:
             self.model = config.instantiate(cfg.model)
@@ -127,13 +126,11 @@ class LlavaSFTRecipe:
         self._setup_data()
         groups = vision_param_groups(self.model, cfg.optimizer.lr, cfg.get("vision_lr_scale", 1.0))
         self.optimizer = config.instantiate(cfg.optimizer, groups)
-        self.steps_per_epoch = math.ceil(len(self.dataloader) / cfg.gradient_accumulation_steps)
-        self.total_steps = run_length(self.steps_per_epoch, cfg.epochs, cfg.max_steps)
-        self.lr_scheduler = training.get_cosine_schedule_with_warmup(
-            self.optimizer,
-            num_warmup_steps=int(round(cfg.warmup_ratio * self.total_steps)),
-            num_training_steps=self.total_steps,
+        self.batches_per_epoch, self.steps_per_epoch, self.total_steps = plan_run(
+            len(self.dataloader), cfg.gradient_accumulation_steps, cfg.epochs, cfg.get("max_steps_per_epoch"), cfg.max_steps
         )
+        self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
+        self.profiler = setup_profiler(cfg.get("profiler"))
         if cfg.resume_from_checkpoint:
             self._resume()
         if self.is_rank_zero:
@@ -150,13 +147,13 @@ class LlavaSFTRecipe:
     def _setup_data(self) -> None:
         cfg = self.cfg
         args = self.checkpointer.args
-        tokenizer = LlavaTokenizer.from_dir(cfg.checkpoint_dir)
+        tokenizer = config.instantiate(cfg.tokenizer)
         messages = LlavaMessageTransform(tokenizer, args.image_token_id, args.num_image_tokens, max_seq_len=cfg.max_seq_len)
         images = LlavaImageTransform(cfg.image_mode, size=args.image_size)
         self.dataset = InstructionDataset(cfg.data_file, messages, images, image_dir=cfg.image_dir)
         # Same shuffled order for any world size: rank r takes positions r, r + world, ...
         self.sampler = DistributedSampler(
-            self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=cfg.seed
+            self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=cfg.get("shuffle", True), seed=cfg.seed
         )
         self.dataloader = DataLoader(
             self.dataset,
@@ -186,6 +183,7 @@ class LlavaSFTRecipe:
         accumulation = cfg.gradient_accumulation_steps
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="llava_sft", disable=not self.is_rank_zero)
         self.model.train()
+        self.profiler.start()
         while self.global_step < self.total_steps:  # max_steps may cycle the epochs
             self.sampler.set_epoch(self.epoch)
             step_start, tokens_seen, loss_sum = time.perf_counter(), 0, 0.0
@@ -198,7 +196,7 @@ class LlavaSFTRecipe:
                 loss_sum += float(loss.detach())
                 tokens_seen += int((batch["labels"] != IGNORE_INDEX).sum())
                 self.batches_done_in_epoch = index + 1
-                last_in_epoch = index + 1 == len(self.dataloader)
+                last_in_epoch = index + 1 == self.batches_per_epoch
                 if self.batches_done_in_epoch % accumulation and not last_in_epoch:
                     continue
                 all_reduce_replicated_grads(self.replicated_params)
@@ -209,16 +207,17 @@ class LlavaSFTRecipe:
                 self.lr_scheduler.step()
                 self.global_step += 1
                 elapsed = time.perf_counter() - step_start
-                self._log(
-                    {
-                        "loss": loss_sum,
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "grad_norm": float(grad_norm),
-                        "tokens_per_second": tokens_seen * self.world_size / max(elapsed, 1e-9),
-                        "peak_memory_gb": peak_memory_gb(self.device),
-                    }
-                )
+                metrics = {
+                    "loss": loss_sum,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_second": tokens_seen * self.world_size / max(elapsed, 1e-9),
+                }
+                if cfg.get("log_peak_memory_stats", True):
+                    metrics["peak_memory_gb"] = peak_memory_gb(self.device)
+                self._log(metrics)
                 bar.update(1)
+                self.profiler.step()
                 bar.set_postfix(loss=f"{loss_sum:.4f}")
                 step_start, tokens_seen, loss_sum = time.perf_counter(), 0, 0.0
                 if last_in_epoch:
@@ -232,6 +231,7 @@ class LlavaSFTRecipe:
                     self.save_checkpoint()
                     break
         bar.close()
+        self.profiler.stop()
         self.save_checkpoint(final=True)
 
     def _check_finite(self, value: torch.Tensor, what: str) -> None:

@@ -30,13 +30,12 @@ import copy
 import gc
 import hashlib
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -72,17 +71,17 @@ from povid.training import (
     mean_over_ranks,
     mixed_precision,
     peak_memory_gb,
+    plan_run,
     restore_step_checkpoint,
     row_logits,
-    run_length,
     save_training_checkpoint,
     set_trainable,
+    setup_profiler,
     shard_llava,
     upcast_trainable,
 )
 from povid_data.distort import RecordNoise
 from povid_data.preference_dataset import collate_preferences
-from povid_data.tokenizer import LlavaTokenizer
 from povid_data.transforms import LlavaImageTransform, LlavaMessageTransform
 
 log = utils.get_logger("INFO")
@@ -133,7 +132,7 @@ class POVIDDPORecipe:
         """Build models, data, optimizer; precompute the reference; resume if asked."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.checkpointer = LlavaCheckpointer(cfg.checkpoint_dir, self.output_dir, clip_dir=cfg.clip_dir)
+        self.checkpointer: LlavaCheckpointer = config.instantiate(cfg.checkpointer)
         base_state = self.checkpointer.load_checkpoint()["model"]
 
         with training.set_default_dtype(self.dtype), self.device:
@@ -181,13 +180,11 @@ class POVIDDPORecipe:
         if self.loss_fn.uses_noise and self.noise_source == "none":
             log.warning("noise.source=none: the noise term of the objective is dropped")
 
-        self.steps_per_epoch = math.ceil(len(self.dataloader) / cfg.gradient_accumulation_steps)
-        self.total_steps = run_length(self.steps_per_epoch, cfg.epochs, cfg.max_steps)
-        self.lr_scheduler = training.get_cosine_schedule_with_warmup(
-            self.optimizer,
-            num_warmup_steps=int(round(cfg.warmup_ratio * self.total_steps)),
-            num_training_steps=self.total_steps,
+        self.batches_per_epoch, self.steps_per_epoch, self.total_steps = plan_run(
+            len(self.dataloader), cfg.gradient_accumulation_steps, cfg.epochs, cfg.get("max_steps_per_epoch"), cfg.max_steps
         )
+        self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
+        self.profiler = setup_profiler(cfg.get("profiler"))
 
         self.reference_cache = self._precompute_reference() if cfg.reference.precompute else None
         if self.reference_cache is not None and not self.online_noise and self.ref_model is not None:
@@ -214,7 +211,7 @@ class POVIDDPORecipe:
     def _setup_data(self) -> None:
         cfg = self.cfg
         args = self.checkpointer.args
-        self.tokenizer = LlavaTokenizer.from_dir(cfg.checkpoint_dir)
+        self.tokenizer = config.instantiate(cfg.tokenizer)
         messages = LlavaMessageTransform(
             self.tokenizer, args.image_token_id, args.num_image_tokens, max_seq_len=cfg.max_seq_len
         )
@@ -233,7 +230,7 @@ class POVIDDPORecipe:
         )  # fmt: skip
         # Same shuffled order for any world size: rank r takes positions r, r + world, ...
         self.sampler = DistributedSampler(
-            self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=cfg.seed
+            self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=cfg.get("shuffle", True), seed=cfg.seed
         )
         self.dataloader = DataLoader(
             self.dataset,
@@ -266,12 +263,16 @@ class POVIDDPORecipe:
         return self._features(model, images, reference=reference)
 
     def _row_logps(
-        self, model, features, batch, *, reference: bool, online_noise: bool
-    ) -> Dict[str, torch.Tensor]:
-        """Summed log-probs per row kind (and the online noise answer's) for one model.
+        self, model, features, batch, *, reference: bool, online_noise: bool,
+        shared_noise_targets: Optional[torch.Tensor] = None,
+    ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """Summed log-probs per row kind (and the online noise answer's) for one model, and
+        the online noise answer's tokens (None without online noise).
 
         The output head runs on answer positions only (``[n_answer_tokens, vocab]`` logits):
         nothing else is ever scored, and on short rows the head is a large share of the step.
+        ``shared_noise_targets``: the policy's noise answer, which the reference scores under
+        ``noise.argmax=shared`` instead of taking its own argmax.
         """
         tokens, labels, row_image = batch["tokens"], batch["labels"], batch["row_image"]
         positions = answer_positions(labels)
@@ -279,25 +280,27 @@ class POVIDDPORecipe:
         logps = answer_logprobs(logits, positions[0], answer_targets(labels, positions), len(tokens))
         kinds = batch["row_kind"]
         out = {kind: logps[[i for i, k in enumerate(kinds) if k == kind]] for kind in set(kinds)}
+        noise_targets = None
         if online_noise:
             chosen_rows = [i for i, k in enumerate(kinds) if k == "chosen"]
             # Positions are row-major, so the chosen rows' entries keep the order that
             # answer_positions gives for labels[chosen_rows].
             of_chosen = torch.isin(positions[0], torch.tensor(chosen_rows, device=labels.device))
-            out["noise"] = self._online_noise_logps(
-                model, logits[of_chosen], batch, chosen_rows, reference=reference
+            out["noise"], noise_targets = self._online_noise_logps(
+                model, logits[of_chosen], batch, chosen_rows, reference=reference, shared_targets=shared_noise_targets
             )
-        return out
+        return out, noise_targets
 
-    def _online_noise_logps(self, model, chosen_logits, batch, chosen_rows, *, reference: bool):
-        """log p(y_noise | image, y_w,<t) with y_noise the argmax on the noisy image.
+    def _online_noise_logps(self, model, chosen_logits, batch, chosen_rows, *, reference: bool, shared_targets):
+        """log p(y_noise | image, y_w,<t) with y_noise the argmax on the noisy image (this
+        model's own, or ``shared_targets`` when given), and y_noise.
 
         ``chosen_logits``: the clean pass's logits at the chosen rows' answer positions.
         """
         cfg = self.cfg.noise
         tokens, labels = batch["tokens"][chosen_rows], batch["labels"][chosen_rows]
         positions = answer_positions(labels)
-        own_argmax = not (reference and cfg.argmax == "shared")
+        own_argmax = shared_targets is None
         if own_argmax or cfg.condition == "noisy":
             # One noisy pass serves both the argmax and, if conditioned on it, the scoring.
             with nullcontext() if cfg.condition == "noisy" and not reference else torch.no_grad():
@@ -306,12 +309,10 @@ class POVIDDPORecipe:
         if own_argmax:
             # Teacher-forced: at each answer position the token ranked first given y_w,<t.
             noise_targets = noisy_logits.detach().argmax(-1)
-            if not reference:
-                batch["noise_targets"] = noise_targets
         else:
-            noise_targets = batch["noise_targets"]
+            noise_targets = shared_targets
         scored = noisy_logits if cfg.condition == "noisy" else chosen_logits
-        return answer_logprobs(scored, positions[0], noise_targets, len(chosen_rows))
+        return answer_logprobs(scored, positions[0], noise_targets, len(chosen_rows)), noise_targets
 
     def _features(self, model, images, *, reference: bool) -> torch.Tensor:
         if not reference:
@@ -325,17 +326,22 @@ class POVIDDPORecipe:
         return features.detach()
 
     def _reference_logps(
-        self, batch, policy_features, *, online_noise: bool, use_cache: bool = True
+        self, batch, policy_features, *, online_noise: bool, use_cache: bool = True,
+        policy_noise_targets: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         # Online noise answers change every step, so a cache can only serve the file's rows.
         if use_cache and self.reference_cache is not None and not online_noise:
             return self._cached_reference(batch)
+        shared = policy_noise_targets if self.cfg.noise.argmax == "shared" else None
+        if online_noise and self.cfg.noise.argmax == "shared" and shared is None:
+            raise ValueError("noise.argmax=shared: the reference needs the policy's noise answer")
         with torch.no_grad():
             if self.ref_model is not None:
                 features = self._batch_features(self.ref_model, batch, reference=True)
                 return self._row_logps(
-                    self.ref_model, features, batch, reference=True, online_noise=online_noise
-                )
+                    self.ref_model, features, batch, reference=True, online_noise=online_noise,
+                    shared_noise_targets=shared,
+                )[0]
             # Frozen tower and projector: the policy's image features are the reference's too.
             features = (
                 policy_features.detach()
@@ -344,8 +350,9 @@ class POVIDDPORecipe:
             )
             with disable_adapter(self.model):
                 return self._row_logps(
-                    self.model, features, batch, reference=True, online_noise=online_noise
-                )
+                    self.model, features, batch, reference=True, online_noise=online_noise,
+                    shared_noise_targets=shared,
+                )[0]
 
     def _cached_reference(self, batch) -> Dict[str, torch.Tensor]:
         out: Dict[str, list] = {}
@@ -358,10 +365,12 @@ class POVIDDPORecipe:
 
     def _preference_logprobs(self, batch) -> PreferenceLogProbs:
         features = self._batch_features(self.model, batch, reference=False)
-        policy = self._row_logps(
+        policy, noise_targets = self._row_logps(
             self.model, features, batch, reference=False, online_noise=self.online_noise
         )
-        ref = self._reference_logps(batch, features, online_noise=self.online_noise)
+        ref = self._reference_logps(
+            batch, features, online_noise=self.online_noise, policy_noise_targets=noise_targets
+        )
         n = len(batch["ids"])
         noise, ref_noise, mask = self._noise_per_example(policy, ref, batch, n)
         chosen_rows = [i for i, k in enumerate(batch["row_kind"]) if k == "chosen"]
@@ -464,6 +473,7 @@ class POVIDDPORecipe:
             total=self.total_steps, initial=self.global_step, desc="povid_dpo", disable=not self.is_rank_zero
         )
         self.model.train()
+        self.profiler.start()
         while self.global_step < self.total_steps:  # max_steps may cycle the epochs
             self.sampler.set_epoch(self.epoch)
             self.dataset.set_epoch(self.epoch)
@@ -481,7 +491,7 @@ class POVIDDPORecipe:
                     sums[key] = sums.get(key, 0.0) + float(value) / accumulation
                 tokens_seen += int((batch["labels"] != -100).sum())
                 self.batches_done_in_epoch = index + 1
-                last_in_epoch = index + 1 == len(self.dataloader)
+                last_in_epoch = index + 1 == self.batches_per_epoch
                 if self.batches_done_in_epoch % accumulation and not last_in_epoch:
                     continue
                 all_reduce_replicated_grads(p for p in self.projector_params if p.requires_grad)
@@ -498,10 +508,12 @@ class POVIDDPORecipe:
                     lr=self.optimizer.param_groups[0]["lr"],
                     grad_norm=float(grad_norm),
                     tokens_per_second=tokens_seen * self.world_size / max(elapsed, 1e-9),
-                    peak_memory_gb=peak_memory_gb(self.device),
                 )
+                if cfg.get("log_peak_memory_stats", True):
+                    sums["peak_memory_gb"] = peak_memory_gb(self.device)
                 self._log(sums)
                 bar.update(1)
+                self.profiler.step()
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['rewards/accuracy']:.2f}")
                 step_start, tokens_seen, sums = time.perf_counter(), 0, {}
                 if last_in_epoch:
@@ -515,6 +527,7 @@ class POVIDDPORecipe:
                     self.save_checkpoint()
                     break
         bar.close()
+        self.profiler.stop()
         self.save_checkpoint(final=True)
 
     def _check_finite(self, value: torch.Tensor, what: str) -> None:

@@ -89,22 +89,25 @@ def test_answer_positions_are_shifted_by_one():
 # --- The recipe against its previous full-logits implementation, kept here as the reference.
 
 
-def _full_logits_row_logps(self, model, features, batch, *, reference, online_noise):
+def _full_logits_row_logps(self, model, features, batch, *, reference, online_noise, shared_noise_targets=None):
     tokens, labels, row_image = batch["tokens"], batch["labels"], batch["row_image"]
     logits = row_logits(model, tokens, features, row_image)
     logps = sequence_logprobs(logits, labels)
     kinds = batch["row_kind"]
     out = {kind: logps[[i for i, k in enumerate(kinds) if k == kind]] for kind in set(kinds)}
+    noise_labels = None
     if online_noise:
         chosen = [i for i, k in enumerate(kinds) if k == "chosen"]
-        out["noise"] = _full_logits_noise(self, model, logits[chosen], batch, chosen, reference=reference)
-    return out
+        out["noise"], noise_labels = _full_logits_noise(
+            self, model, logits[chosen], batch, chosen, reference=reference, shared=shared_noise_targets
+        )
+    return out, noise_labels
 
 
-def _full_logits_noise(self, model, chosen_logits, batch, chosen_rows, *, reference):
+def _full_logits_noise(self, model, chosen_logits, batch, chosen_rows, *, reference, shared):
     cfg = self.cfg.noise
     tokens, labels = batch["tokens"][chosen_rows], batch["labels"][chosen_rows]
-    own_argmax = not (reference and cfg.argmax == "shared")
+    own_argmax = shared is None
     if own_argmax or cfg.condition == "noisy":
         with nullcontext() if cfg.condition == "noisy" and not reference else torch.no_grad():
             noisy_features = self._features(model, batch["noisy_images"], reference=reference)
@@ -113,11 +116,9 @@ def _full_logits_noise(self, model, chosen_logits, batch, chosen_rows, *, refere
         predicted = torch.full_like(labels, IGNORE)
         predicted[:, 1:] = noisy_logits.detach()[:, :-1].argmax(-1)
         noise_labels = torch.where(labels != IGNORE, predicted, labels)
-        if not reference:
-            batch["old_noise_labels"] = noise_labels
     else:
-        noise_labels = batch["old_noise_labels"]
-    return sequence_logprobs(noisy_logits if cfg.condition == "noisy" else chosen_logits, noise_labels)
+        noise_labels = shared
+    return sequence_logprobs(noisy_logits if cfg.condition == "noisy" else chosen_logits, noise_labels), noise_labels
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,8 @@ def test_unknown_key_without_a_close_match(capsys):
 @pytest.mark.parametrize(
     "override, new",
     [("objective.beta=0.2", "loss.beta"), ("objective.objective=dpo", "loss.objective"),
-     ("projector_trainable=true", "model.projector_trainable")],
+     ("projector_trainable=true", "model.projector_trainable"),
+     ("warmup_ratio=0.1", "lr_scheduler.warmup_ratio")],
 )  # fmt: skip
 def test_old_key_names_give_the_new_one(capsys, override, new):
     err = _usage_error(capsys, override)

@@ -13,6 +13,12 @@ from povid_dpo import SETTING_CHOICES
 from povid.model import LLAVA_1_5_13B, LLAVA_1_5_7B
 
 TRAINING_KEYS = {"checkpoint_dir", "data_file", "image_dir", "output_dir", "max_steps", "batch_size", "seed"}
+# torchtune's shape: every piece a `_component_` block, the loop under torchtune's key names.
+TORCHTUNE_BLOCKS = {"model", "tokenizer", "checkpointer", "dataset", "loss", "optimizer", "lr_scheduler",
+                    "metric_logger", "profiler"}  # fmt: skip
+TORCHTUNE_LOOP_KEYS = {"epochs", "max_steps_per_epoch", "gradient_accumulation_steps", "log_every_n_steps",
+                       "log_peak_memory_stats", "enable_activation_checkpointing", "compile", "shuffle", "seed",
+                       "device", "dtype"}  # fmt: skip
 BASE_PARAMS = {"7b": 7_063_427_072, "13b": 13_351_494_656}
 
 
@@ -25,6 +31,19 @@ def test_training_configs_have_override_keys_and_a_valid_objective(name):
     assert cfg.noise.source in ("dataset", "online", "none")
     for key, choices in SETTING_CHOICES.items():  # what povid_dpo checks at start
         check_choice(cfg, key, choices)
+
+
+@pytest.mark.parametrize("name", RECIPES["povid_dpo"] + RECIPES["llava_sft"])
+def test_training_configs_have_torchtunes_blocks_and_loop_keys(name):
+    cfg = OmegaConf.load(resolve_config(name))
+    blocks = TORCHTUNE_BLOCKS - ({"loss", "dataset"} if name.startswith("llava_sft") else set())
+    missing = {b for b in blocks if "_component_" not in cfg.get(b, {})}
+    assert not missing, f"{name}: no _component_ block {sorted(missing)}"
+    assert TORCHTUNE_LOOP_KEYS <= set(cfg), sorted(TORCHTUNE_LOOP_KEYS - set(cfg))
+    # Paths are interpolated into the components from the top-level keys, as torchtune does.
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    assert raw["checkpointer"]["output_dir"] == "${output_dir}"
+    assert raw["tokenizer"]["checkpoint_dir"] == raw["checkpointer"]["checkpoint_dir"] == "${checkpoint_dir}"
 
 
 @pytest.mark.parametrize("name", [n for n in RECIPES["povid_dpo"] if "tiny" not in n])

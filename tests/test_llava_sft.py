@@ -101,3 +101,27 @@ def test_lora_sft_trains_adapters_only(tmp_path, tiny_checkpoint, sft_data):
     base = load_llava(tiny_checkpoint)
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all(k.startswith(("decoder.", "encoders.image.projector")) for k in changed)
+
+
+def test_torchtune_loop_keys_and_a_swapped_scheduler(tmp_path, tiny_checkpoint, sft_data):
+    # torchtune's own scheduler in the lr_scheduler block (absolute warmup steps), two epochs
+    # capped at two steps each, the peak-memory metric off.
+    rows = _run(
+        "llava_sft_tiny_full", tiny_checkpoint, sft_data, tmp_path, "epochs=2", "max_steps_per_epoch=2",
+        "optimizer.lr=1e-3", "lr_scheduler._component_=torchtune.training.get_cosine_schedule_with_warmup",
+        "~lr_scheduler.warmup_ratio", "lr_scheduler.num_warmup_steps=2", "log_peak_memory_stats=false",
+    )  # fmt: skip
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["lr"] == pytest.approx(0.5e-3) and rows[1]["lr"] == pytest.approx(1e-3)
+    assert "peak_memory_gb" not in rows[-1]
+    # Each capped epoch ends with its checkpoint, as a full one does.
+    assert (tmp_path / "step_2").is_dir() and (tmp_path / "step_4").is_dir()
+
+
+def test_profiler_block_writes_a_trace(tmp_path, tiny_checkpoint, sft_data):
+    _run(
+        "llava_sft_tiny_full", tiny_checkpoint, sft_data, tmp_path, "max_steps=3", "profiler.enabled=true",
+        "profiler.cuda=false", "profiler.wait_steps=0", "profiler.warmup_steps=1", "profiler.active_steps=1",
+        "profiler.num_cycles=1",
+    )  # fmt: skip
+    assert list((tmp_path / "profiling_outputs").rglob("*.json*")), "no trace written"

@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # llava/train/train_dpo*.py, tool/dpo_trainer*.py): stage 1, stage 2 (None: not used).
 RELEASED = {
     "optimizer.lr": (1e-7, 1e-7),
-    "warmup_ratio": (0.03, 0.03),
+    "lr_scheduler.warmup_ratio": (0.03, 0.03),
     "optimizer.weight_decay": (0.0, 0.0),
     "epochs": (3, 1),
     "batch_size": (1, 1),
