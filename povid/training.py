@@ -21,10 +21,16 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torchtune.modules.model_fusion import get_fusion_params
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
+from torchtune.utils import get_logger
 
 from povid_data.transforms import IGNORE_INDEX
 
+# The recipes' logger (torchtune's, with its stream handler), so these lines print with theirs.
+_log = get_logger("INFO")
+
 __all__ = [
+    "StepCheckpoints",
+    "TrainingLog",
     "cosine_schedule_with_warmup_ratio",
     "setup_profiler",
     "plan_run",
@@ -728,3 +734,165 @@ def vision_param_groups(model: nn.Module, lr: float, vision_lr_scale: float = 1.
     if tower:
         groups.append({"params": tower, "lr": lr * vision_lr_scale})
     return groups
+
+
+class StepCheckpoints:
+    """The ``step_N/`` checkpoints of one training run, as both training recipes keep them:
+    :meth:`save` writes one per step (a second call for the same step only adds the merged
+    model, or links ``final``), :meth:`resume` restores the newest. ``last`` is the newest
+    checkpoint written or restored (the NaN guard names it)."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        checkpointer: Any,
+        trainable: Set[str],
+        lora: bool,
+        save_merged: bool,
+        save_dtype: Optional[torch.dtype],
+        adapter_config: Optional[Dict[str, Any]],
+        seed: int,
+        world_size: int,
+        distributed: bool,
+        is_rank_zero: bool,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.checkpointer = checkpointer
+        self.trainable = trainable
+        self.lora = lora
+        self.save_merged = save_merged
+        self.save_dtype = save_dtype
+        self.adapter_config = adapter_config or {}
+        self.seed = seed
+        self.world_size = world_size
+        self.distributed = distributed
+        self.is_rank_zero = is_rank_zero
+        self.last: Optional[Path] = None
+
+    @classmethod
+    def from_config(
+        cls, cfg: Any, *, checkpointer: Any, trainable: Set[str], lora: bool, device: torch.device
+    ) -> "StepCheckpoints":
+        """The checkpoints of a training config (``output_dir``, ``save_merged``, ``save_dtype``,
+        ``adapter_config``, ``seed``) on this process's world."""
+        from omegaconf import OmegaConf
+        from torchtune import training, utils
+
+        world_size, rank = utils.get_world_size_and_rank()
+        return cls(
+            cfg.output_dir, checkpointer=checkpointer, trainable=trainable, lora=lora,
+            save_merged=bool(cfg.save_merged), seed=cfg.seed, world_size=world_size,
+            save_dtype=training.get_dtype(cfg.save_dtype, device=device) if cfg.get("save_dtype") else None,
+            adapter_config=OmegaConf.to_container(cfg.adapter_config) if cfg.get("adapter_config") else {},
+            distributed=training.is_distributed(), is_rank_zero=rank == 0,
+        )  # fmt: skip
+
+    def save(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        *,
+        global_step: int,
+        epoch: int,
+        batches_done_in_epoch: int,
+        final: bool = False,
+    ) -> None:
+        """Write ``step_<global_step>/``: adapters (LoRA), merged llava-hf model (``save_merged``
+        or ``final``), optimizer and loop state."""
+        step_dir = self.output_dir / f"step_{global_step}"
+        if self.last == step_dir and (not final or (step_dir / "model").exists()):
+            if final and self.is_rank_zero:
+                link_final(self.output_dir, step_dir)
+            return
+        save_training_checkpoint(
+            step_dir,
+            model=model,
+            optimizer=optimizer,
+            checkpointer=self.checkpointer,
+            trainable=self.trainable,
+            progress={
+                "global_step": global_step,
+                "epoch": epoch,
+                "batches_done_in_epoch": batches_done_in_epoch,
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "seed": self.seed,
+                "world_size": self.world_size,
+            },
+            lora=self.lora,
+            save_model=self.save_merged,
+            final=final,
+            save_dtype=self.save_dtype,
+            distributed=self.distributed,
+            is_rank_zero=self.is_rank_zero,
+            adapter_config=self.adapter_config,
+        )
+        if self.is_rank_zero:
+            _log.info(f"Saved checkpoint {step_dir}")
+        self.last = step_dir
+
+    def resume(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any, *, device: torch.device
+    ) -> Optional[Tuple[int, int, int]]:
+        """Restore the newest checkpoint into model, optimizer and scheduler; returns
+        ``(global_step, epoch, batches_done_in_epoch)``, or None when there is none yet."""
+        step_dir = latest_checkpoint(self.output_dir)
+        if step_dir is None:
+            _log.info(f"resume_from_checkpoint: no checkpoint in {self.output_dir}, starting fresh")
+            return None
+        state = restore_step_checkpoint(
+            model, optimizer, step_dir, lora=self.lora, distributed=self.distributed, device=device
+        )
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.last = step_dir
+        _log.info(f"Resumed from {step_dir} at step {state['global_step']}")
+        return state["global_step"], state["epoch"], state["batches_done_in_epoch"]
+
+
+class TrainingLog:
+    """A training run's metrics: every step to ``metrics.jsonl``, every ``log_every_n_steps``
+    to the config's metric logger; averaged over ranks, written by rank 0."""
+
+    def __init__(
+        self, metric_logger: Any, metrics_file: Optional[MetricsJsonl], *, log_every_n_steps: int,
+        world_size: int, distributed: bool, is_rank_zero: bool,
+    ) -> None:  # fmt: skip
+        self.metric_logger = metric_logger
+        self.metrics_file = metrics_file
+        self.log_every_n_steps = log_every_n_steps
+        self.world_size = world_size
+        self.distributed = distributed
+        self.is_rank_zero = is_rank_zero
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, resume_step: int) -> "TrainingLog":
+        """The config's ``metric_logger`` (given the config to record) and
+        ``${output_dir}/metrics.jsonl``, kept up to ``resume_step``; on rank 0 only."""
+        from torchtune import config, training, utils
+
+        world_size, rank = utils.get_world_size_and_rank()
+        metric_logger, metrics_file = None, None
+        if rank == 0:
+            metric_logger = config.instantiate(cfg.metric_logger)
+            metric_logger.log_config(cfg)
+            metrics_file = MetricsJsonl(Path(cfg.output_dir) / "metrics.jsonl", resume_step)
+        return cls(
+            metric_logger, metrics_file, log_every_n_steps=cfg.log_every_n_steps, world_size=world_size,
+            distributed=training.is_distributed(), is_rank_zero=rank == 0,
+        )  # fmt: skip
+
+    def log(self, step: int, metrics: Dict[str, float]) -> None:
+        """Record one optimizer step's metrics (every rank calls it)."""
+        if self.distributed:
+            metrics = mean_over_ranks(metrics, self.world_size)
+        if self.is_rank_zero:
+            self.metrics_file.log(step, metrics)
+            if step % self.log_every_n_steps == 0:
+                self.metric_logger.log_dict(metrics, step=step)
+
+    def close(self) -> None:
+        """Close the logger and the metrics file (rank 0)."""
+        if self.is_rank_zero:
+            self.metric_logger.close()
+            self.metrics_file.close()

@@ -31,11 +31,11 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, DistributedSampler
 from torchtune import config, training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
@@ -44,22 +44,18 @@ from tqdm import tqdm
 from povid.checkpoint import LlavaCheckpointer, load_model_state
 from povid.config import parse
 from povid.training import (
-    MetricsJsonl,
+    StepCheckpoints,
+    TrainingLog,
     all_reduce_replicated_grads,
     built_projector_trainable,
     check_finite,
     clip_grad_norm,
     image_encoder,
     is_lora_model,
-    latest_checkpoint,
-    link_final,
-    mean_over_ranks,
     mixed_precision,
     peak_memory_gb,
     per_answer_cross_entropy,
     plan_run,
-    restore_step_checkpoint,
-    save_training_checkpoint,
     set_trainable,
     set_vision_trainable,
     setup_profiler,
@@ -92,7 +88,6 @@ class LlavaSFTRecipe:
         self.global_step = 0
         self.epoch = 0
         self.batches_done_in_epoch = 0
-        self.last_checkpoint: Optional[Path] = None
 
     # ------------------------------------------------------------------------------- setup
 
@@ -131,12 +126,15 @@ class LlavaSFTRecipe:
         )
         self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
         self.profiler = setup_profiler(cfg.get("profiler"))
+        self.checkpoints = StepCheckpoints.from_config(
+            cfg, checkpointer=self.checkpointer, trainable=self.trainable, lora=self.lora, device=self.device
+        )
         if cfg.resume_from_checkpoint:
-            self._resume()
+            position = self.checkpoints.resume(self.model, self.optimizer, self.lr_scheduler, device=self.device)
+            if position is not None:
+                self.global_step, self.epoch, self.batches_done_in_epoch = position
+        self.training_log = TrainingLog.from_config(cfg, resume_step=self.global_step)
         if self.is_rank_zero:
-            self.metric_logger = config.instantiate(cfg.metric_logger)
-            self.metric_logger.log_config(cfg)
-            self.metrics_file = MetricsJsonl(self.output_dir / "metrics.jsonl", self.global_step)
             n_train = sum(p.numel() for n, p in self.model.named_parameters() if n in self.trainable)
             log.info(
                 f"{'LoRA' if self.lora else 'full'} SFT, {n_train / 1e6:.2f} M trainable params, "
@@ -215,7 +213,7 @@ class LlavaSFTRecipe:
                 }
                 if cfg.get("log_peak_memory_stats", True):
                     metrics["peak_memory_gb"] = peak_memory_gb(self.device)
-                self._log(metrics)
+                self.training_log.log(self.global_step, metrics)
                 bar.update(1)
                 self.profiler.step()
                 bar.set_postfix(loss=f"{loss_sum:.4f}")
@@ -235,72 +233,18 @@ class LlavaSFTRecipe:
         self.save_checkpoint(final=True)
 
     def _check_finite(self, value: torch.Tensor, what: str) -> None:
-        check_finite(value, what, step=self.global_step + 1, epoch=self.epoch, last_checkpoint=self.last_checkpoint)
-
-    def _log(self, metrics: Dict[str, float]) -> None:
-        if self.distributed:
-            metrics = mean_over_ranks(metrics, self.world_size)
-        if self.is_rank_zero:
-            self.metrics_file.log(self.global_step, metrics)
-            if self.global_step % self.cfg.log_every_n_steps == 0:
-                self.metric_logger.log_dict(metrics, step=self.global_step)
-
-    # ------------------------------------------------------------------------- checkpoints
+        check_finite(value, what, step=self.global_step + 1, epoch=self.epoch, last_checkpoint=self.checkpoints.last)
 
     def save_checkpoint(self, final: bool = False) -> None:
         """Write ``step_N/``: adapters (LoRA), merged llava-hf model, and the recipe state."""
-        cfg = self.cfg
-        step_dir = self.output_dir / f"step_{self.global_step}"
-        if self.last_checkpoint == step_dir and (not final or (step_dir / "model").exists()):
-            if final and self.is_rank_zero:
-                link_final(self.output_dir, step_dir)
-            return
-        save_training_checkpoint(
-            step_dir,
-            model=self.model,
-            optimizer=self.optimizer,
-            checkpointer=self.checkpointer,
-            trainable=self.trainable,
-            progress={
-                "global_step": self.global_step,
-                "epoch": self.epoch,
-                "batches_done_in_epoch": self.batches_done_in_epoch,
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "seed": cfg.seed,
-                "world_size": self.world_size,
-            },
-            lora=self.lora,
-            save_model=bool(cfg.save_merged),
-            final=final,
-            save_dtype=training.get_dtype(cfg.save_dtype, device=self.device) if cfg.get("save_dtype") else None,
-            distributed=self.distributed,
-            is_rank_zero=self.is_rank_zero,
-            adapter_config=OmegaConf.to_container(cfg.adapter_config) if cfg.get("adapter_config") else {},
-        )
-        if self.is_rank_zero:
-            log.info(f"Saved checkpoint {step_dir}")
-        self.last_checkpoint = step_dir
-
-    def _resume(self) -> None:
-        step_dir = latest_checkpoint(self.output_dir)
-        if step_dir is None:
-            log.info(f"resume_from_checkpoint: no checkpoint in {self.output_dir}, starting fresh")
-            return
-        state = restore_step_checkpoint(
-            self.model, self.optimizer, step_dir, lora=self.lora, distributed=self.distributed, device=self.device
-        )
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.global_step = state["global_step"]
-        self.epoch = state["epoch"]
-        self.batches_done_in_epoch = state["batches_done_in_epoch"]
-        self.last_checkpoint = step_dir
-        log.info(f"Resumed from {step_dir} at step {self.global_step}")
+        self.checkpoints.save(
+            self.model, self.optimizer, self.lr_scheduler, global_step=self.global_step, epoch=self.epoch,
+            batches_done_in_epoch=self.batches_done_in_epoch, final=final,
+        )  # fmt: skip
 
     def cleanup(self) -> None:
         """Close loggers and the process group."""
-        if self.is_rank_zero:
-            self.metric_logger.close()
-            self.metrics_file.close()
+        self.training_log.close()
         if self.distributed:
             dist.destroy_process_group()
 
