@@ -167,13 +167,15 @@ def run_ours(a, ws, timers: Timers, clock: StepClock) -> dict:
     cfg = load_config(["--config", config, *overrides])
 
     Recipe = povid_dpo.POVIDDPORecipe
-    original_log = Recipe._log
+    from povid.training import TrainingLog
 
-    def _log(self, metrics):  # called once at the end of every optimizer step
+    original_log = TrainingLog.log
+
+    def _log(self, step, metrics):  # called once at the end of every optimizer step
         clock.tick()
-        original_log(self, metrics)
+        original_log(self, step, metrics)
 
-    Recipe._log = _log
+    TrainingLog.log = _log  # this worker process runs one recipe
     Recipe.save_checkpoint = lambda self, final=False: None  # not part of a step
 
     original_precompute = Recipe._precompute_reference
@@ -205,13 +207,13 @@ def run_ours(a, ws, timers: Timers, clock: StepClock) -> dict:
     setup_s = time.perf_counter() - setup_start
     Recipe._reference_logps = _reference
     Recipe._preference_logprobs = _policy
-    for model in (recipe.model, recipe.ref_model):
+    for model in (recipe.model, recipe.reference.frozen_copy):
         if model is not None:
             encoder = image_encoder(model)
             timers.hook_module(encoder.clip, "vision")
             timers.hook_module(encoder.projector, "vision")
-    if recipe.ref_projector is not None:
-        timers.hook_module(recipe.ref_projector, "vision")
+    if recipe.reference.frozen_projector is not None:
+        timers.hook_module(recipe.reference.frozen_projector, "vision")
     install_common_hooks(timers)
     n_params = sum(p.numel() for p in recipe.model.parameters())
     n_train = sum(p.numel() for p in recipe.model.parameters() if p.requires_grad)

@@ -26,8 +26,6 @@ Checkpoints (``${output_dir}/step_N``): adapters, merged llava-hf model, recipe 
 ``resume_from_checkpoint=True`` continues from the newest one exactly.
 """
 
-import copy
-import gc
 import hashlib
 import json
 import sys
@@ -43,14 +41,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 from torchtune import config, training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
-from torchtune.modules.peft import (
-    disable_adapter,
-)
 from tqdm import tqdm
 
 from povid.checkpoint import LlavaCheckpointer, load_model_state
 from povid.config import check_choice, parse
 from povid.loss import POVIDLoss, PreferenceLogProbs, answer_logprobs
+from povid.reference import ReferenceModel
 from povid.training import (
     StepCheckpoints,
     TrainingLog,
@@ -119,7 +115,6 @@ class POVIDDPORecipe:
         self.global_step = 0
         self.epoch = 0
         self.batches_done_in_epoch = 0
-        self.reference_cache: Optional[Dict[str, Dict[str, float]]] = None
 
     # ------------------------------------------------------------------------------- setup
 
@@ -145,14 +140,9 @@ class POVIDDPORecipe:
             # argmax of the policy must not be random.
             disable_dropout(self.model)
 
-        # The reference: adapters off (LoRA) or a frozen copy (full). A trainable projector
-        # would leak into "adapters off", so the reference keeps a frozen copy of it.
-        self.ref_model = None
-        self.ref_projector = None
-        if not self.lora:
-            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-        elif self.projector_trainable:
-            self.ref_projector = copy.deepcopy(image_encoder(self.model).projector).requires_grad_(False)
+        # Adapters off (LoRA, + a frozen projector copy if the projector trains) or a frozen
+        # copy (full): povid.reference.ReferenceModel.
+        self.reference = ReferenceModel(self.model, lora=self.lora, projector_trainable=self.projector_trainable)
         # After the reference copies, which stay frozen in the compute dtype.
         upcast_trainable(self.model, self.trainable, self.trainable_dtype)
 
@@ -162,8 +152,8 @@ class POVIDDPORecipe:
             )
         if self.distributed:
             shard_llava(self.model, compute_dtype=self.dtype)
-            if self.ref_model is not None:
-                shard_llava(self.ref_model, compute_dtype=self.dtype)
+            if self.reference.frozen_copy is not None:
+                shard_llava(self.reference.frozen_copy, compute_dtype=self.dtype)
         if cfg.compile:
             training.compile_model(self.model, verbose=self.is_rank_zero)
 
@@ -181,13 +171,13 @@ class POVIDDPORecipe:
         self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
         self.profiler = setup_profiler(cfg.get("profiler"))
 
-        self.reference_cache = self._precompute_reference() if cfg.reference.precompute else None
-        if self.reference_cache is not None and not self.online_noise and self.ref_model is not None:
-            # Every reference log-prob now comes from the cache (only online noise answers
-            # would need a live reference): the frozen copy of a fully fine-tuned model would
-            # just hold a second model's worth of memory.
-            self.ref_model = None
-            gc.collect()
+        if cfg.reference.precompute:
+            self.reference.cache = self._precompute_reference()
+            if not self.online_noise:
+                # Every reference log-prob now comes from the cache (only online noise answers
+                # would need a live reference): a full fine-tuning run's frozen copy would just
+                # hold a second model's worth of memory.
+                self.reference.release_copy()
         self.checkpoints = StepCheckpoints.from_config(
             cfg, checkpointer=self.checkpointer, trainable=self.trainable, lora=self.lora, device=self.device
         )
@@ -203,7 +193,7 @@ class POVIDDPORecipe:
                 f"in {cfg.get('trainable_dtype', 'fp32')} (compute {cfg.dtype}), {len(self.dataset)} records, "
                 f"{self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs of "
                 f"{self.steps_per_epoch}{', set by max_steps' if cfg.max_steps is not None else ''}), "
-                f"world size {self.world_size}"
+                f"world size {self.world_size}; reference: {self.reference.form}"
             )
 
     def _setup_data(self) -> None:
@@ -313,49 +303,33 @@ class POVIDDPORecipe:
         return answer_logprobs(scored, positions[0], noise_targets, len(chosen_rows)), noise_targets
 
     def _features(self, model, images, *, reference: bool) -> torch.Tensor:
-        if not reference:
-            return encode_images(model, images)
-        if self.ref_model is not None:
-            return encode_images(self.ref_model, images)
-        with torch.no_grad():
-            features = encode_images(self.model, images) if self.ref_projector is None else (
-                self.ref_projector(image_encoder(self.model).image_features(images))
-            )
-        return features.detach()
+        return self.reference.features(images) if reference else encode_images(model, images)
 
     def _reference_logps(
         self, batch, policy_features, *, online_noise: bool, use_cache: bool = True,
         policy_noise_targets: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         # Online noise answers change every step, so a cache can only serve the file's rows.
-        if use_cache and self.reference_cache is not None and not online_noise:
+        if use_cache and self.reference.cache is not None and not online_noise:
             return self._cached_reference(batch)
         shared = policy_noise_targets if self.cfg.noise.argmax == "shared" else None
         if online_noise and self.cfg.noise.argmax == "shared" and shared is None:
             raise ValueError("noise.argmax=shared: the reference needs the policy's noise answer")
-        with torch.no_grad():
-            if self.ref_model is not None:
-                features = self._batch_features(self.ref_model, batch, reference=True)
-                return self._row_logps(
-                    self.ref_model, features, batch, reference=True, online_noise=online_noise,
-                    shared_noise_targets=shared,
-                )[0]
-            # Frozen tower and projector: the policy's image features are the reference's too.
-            features = (
-                policy_features.detach()
-                if self.ref_projector is None
-                else self._batch_features(self.model, batch, reference=True)
+        reference = self.reference.model
+        with torch.no_grad(), self.reference.scoring():
+            if self.reference.shares_policy_features:
+                features = policy_features.detach()
+            else:
+                features = self._batch_features(reference, batch, reference=True)
+            logps, _ = self._row_logps(
+                reference, features, batch, reference=True, online_noise=online_noise, shared_noise_targets=shared
             )
-            with disable_adapter(self.model):
-                return self._row_logps(
-                    self.model, features, batch, reference=True, online_noise=online_noise,
-                    shared_noise_targets=shared,
-                )[0]
+        return logps
 
     def _cached_reference(self, batch) -> Dict[str, torch.Tensor]:
         out: Dict[str, list] = {}
         for kind, owner in zip(batch["row_kind"], batch["row_example"].tolist()):
-            out.setdefault(kind, []).append(self.reference_cache[batch["ids"][owner]][kind])
+            out.setdefault(kind, []).append(self.reference.cache[batch["ids"][owner]][kind])
         return {k: torch.tensor(v, device=self.device) for k, v in out.items()}
 
     def _mixed_precision(self):

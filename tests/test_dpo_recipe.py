@@ -60,7 +60,7 @@ def test_full_finetuning_frees_its_reference_copy_once_log_probs_are_cached(
 
     def record_reference(self):
         setup(self)
-        references.append(self.ref_model)
+        references.append(self.reference.frozen_copy)
 
     monkeypatch.setattr(povid_dpo.POVIDDPORecipe, "setup", record_reference)
     cached = _run(

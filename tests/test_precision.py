@@ -138,7 +138,7 @@ def test_reference_cache_recomputes_on_any_setting_that_changes_it(tmp_path, tin
     for recipe in recipes:
         recipe.setup()
         recipe.cleanup()
-        assert all(v["chosen"] != 123.0 for v in recipe.reference_cache.values())
+        assert all(v["chosen"] != 123.0 for v in recipe.reference.cache.values())
 
 
 def test_max_steps_sets_the_run_length_cycling_epochs(tmp_path, tiny_checkpoint, preference_data):
