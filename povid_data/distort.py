@@ -34,13 +34,14 @@ import functools
 import hashlib
 import operator
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import PIL.Image
 import torch
 
 __all__ = [
+    "NoiseSettings",
     "NUM_STEPS",
     "BETA_START",
     "BETA_END",
@@ -226,3 +227,61 @@ class RecordNoise:
         else:
             seed = noise_seed(record_id, self.seed)
         return distort_image(image, self.step, seed=seed, overflow=self.overflow)
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """``povid_dpo``'s ``noise`` block, with every branch it implies derived in one place.
+
+    ``source``: ``dataset`` (``povid_distort``'s answers), ``online`` (the teacher-forced argmax
+    on a noised image, fresh each epoch) or ``none``; ``condition``: score the noise answer on
+    the ``clean`` image (the release) or the ``noisy`` one; ``argmax``: online, the reference
+    scores the policy's answer (``shared``) or takes its own (``separate``). ``objective_uses_noise``:
+    whether the loss has a noise term at all (``dpo`` has none).
+    """
+
+    source: str
+    step: int
+    overflow: str
+    argmax: str
+    condition: str
+    stage2_seed: int
+    objective_uses_noise: bool
+
+    @classmethod
+    def from_config(cls, noise: Any, *, objective_uses_noise: bool) -> "NoiseSettings":
+        """From the config's ``noise`` block (a mapping with the fields above but the last)."""
+        return cls(
+            source=noise["source"], step=noise["step"], overflow=noise["overflow"], argmax=noise["argmax"],
+            condition=noise["condition"], stage2_seed=noise["stage2_seed"], objective_uses_noise=objective_uses_noise,
+        )  # fmt: skip
+
+    @property
+    def online(self) -> bool:
+        """Noise answers computed in the step (and scored, the objective having a noise term)."""
+        return self.source == "online" and self.objective_uses_noise
+
+    @property
+    def dataset_answers(self) -> bool:
+        """Noise answers read from the preference file."""
+        return self.source == "dataset"
+
+    @property
+    def noisy_dataset_rows(self) -> bool:
+        """Dataset noise answers scored on the image ``povid_distort`` showed the model."""
+        return self.source == "dataset" and self.condition == "noisy"
+
+    @property
+    def reference_shares_argmax(self) -> bool:
+        """Online: the reference scores the policy's noise answer."""
+        return self.argmax == "shared"
+
+    def image_noise(self, seed: int) -> Optional["RecordNoise"]:
+        """The noised image a preference dataset should add to each item, or None: online,
+        fresh every epoch (from the run's ``seed``); for noisy dataset rows, the very image
+        ``povid_distort`` used (``stage2_seed``)."""
+        if self.source == "online":
+            return RecordNoise(step=self.step, overflow=self.overflow, per_epoch=True, seed=seed)
+        if self.condition == "noisy":
+            return RecordNoise(step=self.step, overflow=self.overflow, per_epoch=False, seed=self.stage2_seed)
+        return None

@@ -72,7 +72,7 @@ from povid.training import (
     shard_llava,
     upcast_trainable,
 )
-from povid_data.distort import RecordNoise
+from povid_data.distort import NoiseSettings
 from povid_data.preference_dataset import collate_preferences
 from povid_data.transforms import LlavaImageTransform, LlavaMessageTransform
 
@@ -109,9 +109,6 @@ class POVIDDPORecipe:
             check_choice(cfg, key, choices)
         # The parameters that train (and their AdamW state) in fp32 whatever the compute dtype.
         self.trainable_dtype = training.get_dtype(cfg.get("trainable_dtype", "fp32"), device=self.device)
-        self.noise_source = cfg.noise.source  # dataset | online | none
-        # noise.condition=noisy with dataset answers: score them on povid_distort's image.
-        self.noisy_rows = self.noise_source == "dataset" and cfg.noise.condition == "noisy"
         self.global_step = 0
         self.epoch = 0
         self.batches_done_in_epoch = 0
@@ -157,13 +154,13 @@ class POVIDDPORecipe:
         if cfg.compile:
             training.compile_model(self.model, verbose=self.is_rank_zero)
 
+        self.loss_fn: POVIDLoss = config.instantiate(cfg.loss)
+        self.noise = NoiseSettings.from_config(cfg.noise, objective_uses_noise=self.loss_fn.uses_noise)
+        if self.loss_fn.uses_noise and self.noise.source == "none":
+            log.warning("noise.source=none: the noise term of the objective is dropped")
         self._setup_data()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, params)
-        self.loss_fn: POVIDLoss = config.instantiate(cfg.loss)
-        self.online_noise = self.noise_source == "online" and self.loss_fn.uses_noise
-        if self.loss_fn.uses_noise and self.noise_source == "none":
-            log.warning("noise.source=none: the noise term of the objective is dropped")
 
         self.batches_per_epoch, self.steps_per_epoch, self.total_steps = plan_run(
             len(self.dataloader), cfg.gradient_accumulation_steps, cfg.epochs, cfg.get("max_steps_per_epoch"), cfg.max_steps
@@ -173,7 +170,7 @@ class POVIDDPORecipe:
 
         if cfg.reference.precompute:
             self.reference.cache = self._precompute_reference()
-            if not self.online_noise:
+            if not self.noise.online:
                 # Every reference log-prob now comes from the cache (only online noise answers
                 # would need a live reference): a full fine-tuning run's frozen copy would just
                 # hold a second model's worth of memory.
@@ -204,17 +201,13 @@ class POVIDDPORecipe:
             self.tokenizer, args.image_token_id, args.num_image_tokens, max_seq_len=cfg.max_seq_len
         )
         images = LlavaImageTransform(cfg.image_mode, size=args.image_size)
-        noise_fn = None
-        if self.noise_source == "online" or cfg.noise.condition == "noisy":
-            online = self.noise_source == "online"
-            # Dataset answers are scored on the very image povid_distort showed the model;
-            # online noise is fresh every epoch yet reproducible, so a resumed run sees the same.
-            noise_fn = RecordNoise(step=cfg.noise.step, overflow=cfg.noise.overflow, per_epoch=online,
-                                   seed=cfg.seed if online else cfg.noise.stage2_seed)  # fmt: skip
+        # Dataset answers are scored on the very image povid_distort showed the model; online
+        # noise is fresh every epoch yet reproducible, so a resumed run sees the same.
+        noise_fn = self.noise.image_noise(seed=cfg.seed)
         # The dataset block names the builder (a user's own takes the same keyword arguments).
         self.dataset = config.instantiate(
             cfg.dataset, message_transform=messages, image_transform=images,
-            use_noise_answers=self.noise_source == "dataset", noise_fn=noise_fn,
+            use_noise_answers=self.noise.dataset_answers, noise_fn=noise_fn,
         )  # fmt: skip
         # Same shuffled order for any world size: rank r takes positions r, r + world, ...
         self.sampler = DistributedSampler(
@@ -237,7 +230,7 @@ class POVIDDPORecipe:
         for key in ("images", "noisy_images"):
             if key in batch:
                 out[key] = batch[key].to(self.device, self.dtype)
-        if self.noisy_rows:
+        if self.noise.noisy_dataset_rows:
             # Dataset noise rows read the noisy copies, stacked after the clean images.
             is_noise = torch.tensor([k == "noise" for k in batch["row_kind"]], device=self.device)
             out["row_image"] = out["row_image"] + len(batch["ids"]) * is_noise
@@ -246,7 +239,7 @@ class POVIDDPORecipe:
     def _batch_features(self, model, batch, *, reference: bool) -> torch.Tensor:
         """Features of every image a row points at: the clean ones (+ the noisy copies)."""
         images = batch["images"]
-        if self.noisy_rows:
+        if self.noise.noisy_dataset_rows:
             images = torch.cat([images, batch["noisy_images"]])
         return self._features(model, images, reference=reference)
 
@@ -285,13 +278,13 @@ class POVIDDPORecipe:
 
         ``chosen_logits``: the clean pass's logits at the chosen rows' answer positions.
         """
-        cfg = self.cfg.noise
+        condition = self.noise.condition
         tokens, labels = batch["tokens"][chosen_rows], batch["labels"][chosen_rows]
         positions = answer_positions(labels)
         own_argmax = shared_targets is None
-        if own_argmax or cfg.condition == "noisy":
+        if own_argmax or condition == "noisy":
             # One noisy pass serves both the argmax and, if conditioned on it, the scoring.
-            with nullcontext() if cfg.condition == "noisy" and not reference else torch.no_grad():
+            with nullcontext() if condition == "noisy" and not reference else torch.no_grad():
                 noisy_features = self._features(model, batch["noisy_images"], reference=reference)
                 noisy_logits = row_logits(model, tokens, noisy_features, positions=positions)
         if own_argmax:
@@ -299,7 +292,7 @@ class POVIDDPORecipe:
             noise_targets = noisy_logits.detach().argmax(-1)
         else:
             noise_targets = shared_targets
-        scored = noisy_logits if cfg.condition == "noisy" else chosen_logits
+        scored = noisy_logits if condition == "noisy" else chosen_logits
         return answer_logprobs(scored, positions[0], noise_targets, len(chosen_rows)), noise_targets
 
     def _features(self, model, images, *, reference: bool) -> torch.Tensor:
@@ -312,8 +305,8 @@ class POVIDDPORecipe:
         # Online noise answers change every step, so a cache can only serve the file's rows.
         if use_cache and self.reference.cache is not None and not online_noise:
             return self._cached_reference(batch)
-        shared = policy_noise_targets if self.cfg.noise.argmax == "shared" else None
-        if online_noise and self.cfg.noise.argmax == "shared" and shared is None:
+        shared = policy_noise_targets if self.noise.reference_shares_argmax else None
+        if online_noise and self.noise.reference_shares_argmax and shared is None:
             raise ValueError("noise.argmax=shared: the reference needs the policy's noise answer")
         reference = self.reference.model
         with torch.no_grad(), self.reference.scoring():
@@ -338,10 +331,10 @@ class POVIDDPORecipe:
     def _preference_logprobs(self, batch) -> PreferenceLogProbs:
         features = self._batch_features(self.model, batch, reference=False)
         policy, noise_targets = self._row_logps(
-            self.model, features, batch, reference=False, online_noise=self.online_noise
+            self.model, features, batch, reference=False, online_noise=self.noise.online
         )
         ref = self._reference_logps(
-            batch, features, online_noise=self.online_noise, policy_noise_targets=noise_targets
+            batch, features, online_noise=self.noise.online, policy_noise_targets=noise_targets
         )
         n = len(batch["ids"])
         noise, ref_noise, mask = self._noise_per_example(policy, ref, batch, n)
@@ -360,7 +353,7 @@ class POVIDDPORecipe:
     def _noise_per_example(self, policy, ref, batch, n):
         if "noise" not in policy:
             return None, None, None
-        if self.noise_source == "online":
+        if self.noise.online:
             return policy["noise"], ref["noise"], torch.ones(n, dtype=torch.bool, device=self.device)
         owners = batch["row_example"][[i for i, k in enumerate(batch["row_kind"]) if k == "noise"]]
         noise = torch.zeros(n, device=self.device, dtype=policy["noise"].dtype)

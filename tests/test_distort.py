@@ -251,3 +251,22 @@ def test_bad_input_names_file_record_and_field(tmp_path, tiny_checkpoint, image_
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         _run(f"checkpoint_dir={tiny_checkpoint}", f"data_file={data}", f"output_dir={tmp_path / 'out'}",
              "max_new_tokens=3", *extra)  # fmt: skip
+
+
+def test_noise_settings_derive_every_branch_once():
+    from povid_data.distort import NoiseSettings, RecordNoise
+
+    base = dict(step=500, overflow="wrap", argmax="shared", stage2_seed=7)
+    online = NoiseSettings.from_config({**base, "source": "online", "condition": "clean"}, objective_uses_noise=True)
+    assert online.online and not online.dataset_answers and online.reference_shares_argmax
+    fresh = online.image_noise(seed=3)
+    assert isinstance(fresh, RecordNoise) and fresh.per_epoch and fresh.seed == 3
+    # The dpo objective has no noise term: nothing is computed online, though images are noised.
+    dpo = NoiseSettings.from_config({**base, "source": "online", "condition": "clean"}, objective_uses_noise=False)
+    assert not dpo.online
+    noisy = NoiseSettings.from_config({**base, "source": "dataset", "condition": "noisy"}, objective_uses_noise=True)
+    assert noisy.noisy_dataset_rows and noisy.dataset_answers and not noisy.online
+    replay = noisy.image_noise(seed=3)
+    assert not replay.per_epoch and replay.seed == 7  # povid_distort's own image, not the run's seed
+    clean = NoiseSettings.from_config({**base, "source": "dataset", "condition": "clean"}, objective_uses_noise=True)
+    assert clean.image_noise(seed=3) is None and not clean.noisy_dataset_rows
