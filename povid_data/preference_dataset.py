@@ -140,7 +140,8 @@ def collate_preferences(batch: List[Dict[str, Any]], pad_id: int = 0) -> Dict[st
 
     Returns a dict with
         ``tokens``/``labels`` ``[rows, L]`` (right-padded; labels -100 at padding),
-        ``row_kind`` (list of ``"chosen"|"rejected"|"noise"``), ``row_example`` ``[rows]``
+        ``row_kind`` (list of ``"chosen"|"rejected"|"noise"``), ``kind_rows`` (each present
+        kind's row indices, in row order), ``row_example`` ``[rows]``
         (index of the example a row belongs to), ``row_image`` ``[rows]`` (index into
         ``images``), ``images`` ``[B, 3, H, W]``, ``noisy_images`` (if present), ``ids``.
     Examples without a noise answer simply contribute no noise row.
@@ -162,6 +163,8 @@ def collate_preferences(batch: List[Dict[str, Any]], pad_id: int = 0) -> Dict[st
         "tokens": _pad(tokens, pad_id),
         "labels": _pad(labels, IGNORE_INDEX),
         "row_kind": kinds,
+        # Each kind's row indices, computed once here rather than from row_kind at every use.
+        "kind_rows": {kind: [i for i, k in enumerate(kinds) if k == kind] for kind in ROW_KINDS if kind in kinds},
         "row_example": owner,
         # One image per example; rows point at their example's image.
         "row_image": owner.clone(),

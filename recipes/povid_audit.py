@@ -229,11 +229,10 @@ class AuditRecipe:
         tokens = batch["tokens"].to(self.device)
         labels = batch["labels"].to(self.device)
         row_image = batch["row_image"].to(self.device)
-        kinds = batch["row_kind"]
         # Output head on answer positions only, as povid_dpo: the same logits, the same sums.
         positions = answer_positions(labels)
         targets = answer_targets(labels, positions)
-        chosen_rows = [i for i, k in enumerate(kinds) if k == "chosen"]
+        chosen_rows = batch["kind_rows"]["chosen"]
         of_chosen = torch.isin(positions[0], torch.tensor(chosen_rows, device=self.device))
         noise = self._online_noise_targets(batch, tokens, labels, chosen_rows) if self.online_noise else None
         logps: Dict[str, torch.Tensor] = {}

@@ -232,8 +232,8 @@ class POVIDDPORecipe:
                 out[key] = batch[key].to(self.device, self.dtype)
         if self.noise.noisy_dataset_rows:
             # Dataset noise rows read the noisy copies, stacked after the clean images.
-            is_noise = torch.tensor([k == "noise" for k in batch["row_kind"]], device=self.device)
-            out["row_image"] = out["row_image"] + len(batch["ids"]) * is_noise
+            out["row_image"] = out["row_image"].clone()
+            out["row_image"][batch["kind_rows"].get("noise", [])] += len(batch["ids"])
         return out
 
     def _batch_features(self, model, batch, *, reference: bool) -> torch.Tensor:
@@ -259,11 +259,10 @@ class POVIDDPORecipe:
         positions = answer_positions(labels)
         logits = row_logits(model, tokens, features, row_image, positions)
         logps = answer_logprobs(logits, positions[0], answer_targets(labels, positions), len(tokens))
-        kinds = batch["row_kind"]
-        out = {kind: logps[[i for i, k in enumerate(kinds) if k == kind]] for kind in set(kinds)}
+        out = {kind: logps[rows] for kind, rows in batch["kind_rows"].items()}
         noise_targets = None
         if online_noise:
-            chosen_rows = [i for i, k in enumerate(kinds) if k == "chosen"]
+            chosen_rows = batch["kind_rows"]["chosen"]
             # Positions are row-major, so the chosen rows' entries keep the order that
             # answer_positions gives for labels[chosen_rows].
             of_chosen = torch.isin(positions[0], torch.tensor(chosen_rows, device=labels.device))
@@ -338,7 +337,7 @@ class POVIDDPORecipe:
         )
         n = len(batch["ids"])
         noise, ref_noise, mask = self._noise_per_example(policy, ref, batch, n)
-        chosen_rows = [i for i, k in enumerate(batch["row_kind"]) if k == "chosen"]
+        chosen_rows = batch["kind_rows"]["chosen"]
         return PreferenceLogProbs(
             chosen=policy["chosen"],
             rejected=policy["rejected"],
@@ -355,7 +354,7 @@ class POVIDDPORecipe:
             return None, None, None
         if self.noise.online:
             return policy["noise"], ref["noise"], torch.ones(n, dtype=torch.bool, device=self.device)
-        owners = batch["row_example"][[i for i, k in enumerate(batch["row_kind"]) if k == "noise"]]
+        owners = batch["row_example"][batch["kind_rows"]["noise"]]
         noise = torch.zeros(n, device=self.device, dtype=policy["noise"].dtype)
         ref_noise = torch.zeros_like(noise)
         mask = torch.zeros(n, dtype=torch.bool, device=self.device)

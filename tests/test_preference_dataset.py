@@ -31,6 +31,7 @@ def test_rows_images_and_labels(preference_data, transforms):
     batch = collate_preferences([dataset[i] for i in range(4)], pad_id=0)
     # r0 and r2 have noise answers, r1 and r3 do not
     assert batch["row_kind"] == ["chosen"] * 4 + ["rejected"] * 4 + ["noise"] * 2
+    assert batch["kind_rows"] == {"chosen": [0, 1, 2, 3], "rejected": [4, 5, 6, 7], "noise": [8, 9]}
     assert batch["row_example"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 2]
     assert batch["images"].shape == (4, 3, args.image_size, args.image_size)
     tokens, labels = batch["tokens"], batch["labels"]
