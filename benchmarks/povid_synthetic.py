@@ -38,9 +38,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from povid.demo import DEMO_SIZES, Demo, summary_rows
+from povid_demo.chain import DEMO_SIZES, Demo, summary_rows
 from povid.metrics.report import read_results
-from povid.world_criteria import base_criteria, criteria_as_dict
+from povid_demo.criteria import base_criteria, criteria_as_dict
 from povid_data.synthetic_world import make_world
 
 VARIANTS = ("base", "povid", "dpo_text", "dpo_noise", "sft_more")

@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, float]:
     if ckpt is None or data is None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from _shapes import save_shape_image
-        from povid.tiny import make_tiny_checkpoint
+        from _tiny import make_tiny_checkpoint
 
         ckpt = ckpt or make_tiny_checkpoint(work / "checkpoint", seed=0)
         if data is None:

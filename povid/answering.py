@@ -87,12 +87,12 @@ class LlavaAnswerer:
 
     @classmethod
     def from_config(cls, cfg: Any, *, greedy: bool = False) -> "LlavaAnswerer":
-        """Load from a generating recipe's config: ``checkpoint_dir``, ``clip_dir``, ``device``,
-        ``dtype``, ``quantization``, ``image_mode`` and the decoding keys ``max_new_tokens``,
-        ``temperature``, ``top_p``, ``top_k``, ``seed`` (which seeds sampling only).
-        ``greedy``: decode greedily whatever the config says (an evaluation protocol), and read
-        no sampling keys."""
-        from torchtune import training, utils
+        """Load from a generating recipe's config: the ``model`` block (instantiated with the
+        config's ``device`` and ``dtype``, then weight-only ``quantization``), the ``tokenizer``
+        block, ``image_mode`` and the decoding keys ``max_new_tokens``, ``temperature``,
+        ``top_p``, ``top_k``, ``seed`` (which seeds sampling only). ``greedy``: decode greedily
+        whatever the config says (an evaluation protocol), and read no sampling keys."""
+        from torchtune import config, training, utils
 
         log = utils.get_logger("INFO")
         device = utils.get_device(cfg.device)
@@ -104,20 +104,18 @@ class LlavaAnswerer:
                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
             )
         start = time.perf_counter()
-        answerer = cls.from_checkpoint(
-            cfg.checkpoint_dir,
+        model = quantize_for_inference(config.instantiate(cfg.model, device=device, dtype=dtype), cfg.get("quantization"))
+        answerer = cls(
+            model,
+            config.instantiate(cfg.tokenizer),
             params=params,
-            clip_dir=cfg.get("clip_dir"),
-            device=device,
-            dtype=dtype,
-            quantization=cfg.get("quantization"),
             image_mode=cfg.image_mode,
             generator=torch.Generator(device=device).manual_seed(cfg.seed),
         )
-        n_params = sum(p.numel() for p in answerer.model.parameters())
+        n_params = sum(p.numel() for p in model.parameters())
         log.info(
-            f"Loaded {cfg.checkpoint_dir} ({n_params / 1e6:.1f} M parameters, {dtype}, {device}) "
-            f"in {time.perf_counter() - start:.1f} s"
+            f"Loaded {cfg.model.get('checkpoint_dir', cfg.model._component_)} ({n_params / 1e6:.1f} M parameters, "
+            f"{dtype}, {device}) in {time.perf_counter() - start:.1f} s"
         )
         return answerer
 

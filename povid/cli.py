@@ -83,7 +83,7 @@ def _cp(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Run the offline default job (imports torch, so only here)."""
-    from povid.demo import run_demo
+    from povid_demo.chain import run_demo
 
     run_demo(args.output_dir, quick=args.quick, seed=args.seed)
     return 0

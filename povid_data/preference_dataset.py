@@ -14,10 +14,12 @@ For the online noise branch the dataset also returns the image distorted with fr
 :func:`collate_preferences` stacks every answer of the batch into one padded token matrix, so a
 single forward pass scores chosen, rejected and noise rows together, and keeps one copy of each
 image: ``row_image`` says which image every row uses, so the vision tower runs once per image.
+The result is a :class:`PreferenceBatch` (typed fields, an index tensor per row kind).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -41,7 +43,7 @@ from povid_data.transforms import (
     load_image,
 )
 
-__all__ = ["PreferenceDataset", "collate_preferences", "ROW_KINDS"]
+__all__ = ["PreferenceDataset", "PreferenceBatch", "collate_preferences", "ROW_KINDS"]
 
 ROW_KINDS = ("chosen", "rejected", "noise")
 _FIELDS = {"chosen": CHOSEN, "rejected": REJECTED, "noise": NOISE}
@@ -135,17 +137,87 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
-def collate_preferences(batch: List[Dict[str, Any]], pad_id: int = 0) -> Dict[str, Any]:
-    """Stack a batch into one row matrix: all chosen rows, then rejected, then noise.
+@dataclass(frozen=True)
+class PreferenceBatch:
+    """A collated batch of preference examples: every answer row in one padded matrix.
 
-    Returns a dict with
-        ``tokens``/``labels`` ``[rows, L]`` (right-padded; labels -100 at padding),
-        ``row_kind`` (list of ``"chosen"|"rejected"|"noise"``), ``kind_rows`` (each present
-        kind's row indices, in row order), ``row_example`` ``[rows]``
-        (index of the example a row belongs to), ``row_image`` ``[rows]`` (index into
-        ``images``), ``images`` ``[B, 3, H, W]``, ``noisy_images`` (if present), ``ids``.
+    Rows come chosen first (one per example, in example order), then rejected (one per
+    example), then noise (one per example that has a dataset noise answer). Each row points at
+    the image it is scored on (``row_image``, an index into ``images``), so the vision tower
+    runs once per image however many rows share it.
+
+    Attributes:
+        ids: record ids, one per example.
+        tokens: ``[rows, L]`` token ids, right-padded.
+        labels: ``[rows, L]``, -100 everywhere but the answer tokens.
+        row_example: ``[rows]`` index of the example each row belongs to.
+        row_image: ``[rows]`` index into ``images`` of the image each row is scored on.
+        images: the images rows point at: the clean ones ``[B, 3, H, W]``, followed, when
+            noise rows are scored on their noisy image, by the noisy copies.
+        chosen_rows, rejected_rows, noise_rows: ``[n]`` row indices of each kind (``noise_rows``
+            may be empty).
+        noisy_images: ``[B, 3, H, W]`` each example's distorted image, when the dataset gives
+            one (online noise, or dataset noise scored on the noisy image); else None.
+    """
+
+    ids: List[str]
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    row_example: torch.Tensor
+    row_image: torch.Tensor
+    images: torch.Tensor
+    chosen_rows: torch.Tensor
+    rejected_rows: torch.Tensor
+    noise_rows: torch.Tensor
+    noisy_images: Optional[torch.Tensor] = None
+
+    @property
+    def num_examples(self) -> int:
+        """Number of preference examples (not rows)."""
+        return len(self.ids)
+
+    @property
+    def kind_rows(self) -> Dict[str, torch.Tensor]:
+        """Each present row kind's indices (``noise`` only when the batch has noise rows)."""
+        rows = {"chosen": self.chosen_rows, "rejected": self.rejected_rows}
+        if len(self.noise_rows):
+            rows["noise"] = self.noise_rows
+        return rows
+
+    def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "PreferenceBatch":
+        """A copy on ``device``; images (not token ids) also cast to ``dtype`` if given."""
+
+        def images(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if x is None else x.to(device, dtype)
+
+        return replace(
+            self,
+            **{
+                name: getattr(self, name).to(device)
+                for name in ("tokens", "labels", "row_example", "row_image", "chosen_rows", "rejected_rows", "noise_rows")
+            },
+            images=images(self.images),
+            noisy_images=images(self.noisy_images),
+        )
+
+
+def collate_preferences(
+    batch: List[Dict[str, Any]], pad_id: int = 0, *, noise_rows_on_noisy_image: bool = False
+) -> PreferenceBatch:
+    """Stack a batch of :class:`PreferenceDataset` examples into a :class:`PreferenceBatch`.
+
+    Args:
+        batch: examples as the dataset returns them.
+        pad_id: token id for padding.
+        noise_rows_on_noisy_image: score each dataset noise row on its example's noisy image
+            (``noise.condition=noisy``): the noisy copies are stacked after the clean images
+            and the noise rows point at them. Needs ``noisy_image`` in every example.
+
     Examples without a noise answer simply contribute no noise row.
     """
+    for example in batch:
+        if "rejected_tokens" not in example or "chosen_tokens" not in example:
+            raise ValueError(f"record id={example['id']!r}: needs chosen and rejected answers")
     tokens, labels, kinds, owners = [], [], [], []
     for kind in ROW_KINDS:
         for i, example in enumerate(batch):
@@ -154,22 +226,28 @@ def collate_preferences(batch: List[Dict[str, Any]], pad_id: int = 0) -> Dict[st
                 labels.append(example[f"{kind}_labels"])
                 kinds.append(kind)
                 owners.append(i)
-    for i, example in enumerate(batch):
-        if "rejected_tokens" not in example or "chosen_tokens" not in example:
-            raise ValueError(f"record id={example['id']!r}: needs chosen and rejected answers")
     owner = torch.tensor(owners, dtype=torch.long)
-    collated = {
-        "ids": [example["id"] for example in batch],
-        "tokens": _pad(tokens, pad_id),
-        "labels": _pad(labels, IGNORE_INDEX),
-        "row_kind": kinds,
-        # Each kind's row indices, computed once here rather than from row_kind at every use.
-        "kind_rows": {kind: [i for i, k in enumerate(kinds) if k == kind] for kind in ROW_KINDS if kind in kinds},
-        "row_example": owner,
-        # One image per example; rows point at their example's image.
-        "row_image": owner.clone(),
-        "images": torch.stack([example["image"] for example in batch]),
-    }
+    rows = {kind: torch.tensor([i for i, k in enumerate(kinds) if k == kind], dtype=torch.long) for kind in ROW_KINDS}
+    images = torch.stack([example["image"] for example in batch])
+    noisy_images = None
     if all("noisy_image" in example for example in batch):
-        collated["noisy_images"] = torch.stack([example["noisy_image"] for example in batch])
-    return collated
+        noisy_images = torch.stack([example["noisy_image"] for example in batch])
+    row_image = owner.clone()  # one image per example; rows point at their example's
+    if noise_rows_on_noisy_image:
+        if noisy_images is None:
+            missing = next(example["id"] for example in batch if "noisy_image" not in example)
+            raise ValueError(f"record id={missing!r}: noise rows scored on the noisy image need a noisy_image")
+        images = torch.cat([images, noisy_images])
+        row_image[rows["noise"]] += len(batch)
+    return PreferenceBatch(
+        ids=[example["id"] for example in batch],
+        tokens=_pad(tokens, pad_id),
+        labels=_pad(labels, IGNORE_INDEX),
+        row_example=owner,
+        row_image=row_image,
+        images=images,
+        chosen_rows=rows["chosen"],
+        rejected_rows=rows["rejected"],
+        noise_rows=rows["noise"],
+        noisy_images=noisy_images,
+    )

@@ -30,17 +30,16 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import PIL.Image
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
-from torchtune import training, utils
+from torchtune import config, training, utils
 from tqdm import tqdm
 
 from povid.audit import NULL_IMAGES, blank_image, edit_kinds, image_derangement, markdown, summarize
-from povid.checkpoint import load_llava
 from povid.config import parse
 from povid.loss import answer_logprobs
 from povid.model import read_llava_args
@@ -53,9 +52,8 @@ from povid.training import (
 )
 from povid_data.distort import OVERFLOW_MODES, RecordNoise, noise_coefficients
 from povid_data.jsonl import ResumableJsonlWriter, read_records
-from povid_data.preference_dataset import PreferenceDataset, collate_preferences
+from povid_data.preference_dataset import PreferenceBatch, PreferenceDataset, collate_preferences
 from povid_data.records import resolve_image
-from povid_data.tokenizer import LlavaTokenizer
 from povid_data.transforms import LlavaImageTransform, LlavaMessageTransform, load_image
 
 log = utils.get_logger("INFO")
@@ -117,11 +115,9 @@ class AuditDataset(PreferenceDataset):
         return example
 
 
-def collate_audit(examples: List[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
-    """:func:`collate_preferences` plus the stacked null images (one per example)."""
-    batch = collate_preferences(examples, pad_id=pad_id)
-    batch["null_images"] = torch.stack([example["null_image"] for example in examples])
-    return batch
+def collate_audit(examples: List[Dict[str, Any]], pad_id: int) -> Tuple[PreferenceBatch, torch.Tensor]:
+    """:func:`collate_preferences` and the stacked null images (one per example)."""
+    return collate_preferences(examples, pad_id=pad_id), torch.stack([example["null_image"] for example in examples])
 
 
 class AuditRecipe:
@@ -156,7 +152,7 @@ class AuditRecipe:
         # The data and its images first: a bad file fails in seconds, before a 7B checkpoint
         # is read. The architecture (image tokens, image size) comes from config.json alone.
         self.args = read_llava_args(cfg.checkpoint_dir, cfg.clip_dir)
-        self.tokenizer = LlavaTokenizer.from_dir(cfg.checkpoint_dir)
+        self.tokenizer = config.instantiate(cfg.tokenizer)
         messages = LlavaMessageTransform(
             self.tokenizer, self.args.image_token_id, self.args.num_image_tokens, max_seq_len=cfg.max_seq_len
         )
@@ -184,7 +180,7 @@ class AuditRecipe:
             if cfg.null_image == "other":
                 self.dataset.null_image_path(record)
         self.dataset_index = {str(r["id"]): i for i, r in enumerate(self.dataset.records)}
-        self.model = load_llava(cfg.checkpoint_dir, clip_dir=cfg.clip_dir, device=self.device, dtype=self.dtype)
+        self.model = config.instantiate(cfg.model, device=self.device, dtype=self.dtype)
 
     def settings(self) -> Dict[str, Any]:
         """What the rows depend on: a resumed run must use the same."""
@@ -224,22 +220,21 @@ class AuditRecipe:
     # ------------------------------------------------------------------------------- scoring
 
     @torch.no_grad()
-    def score(self, batch: Dict[str, Any]) -> List[Dict[str, Any]]:
-        """One audit row per example of a collated batch."""
-        tokens = batch["tokens"].to(self.device)
-        labels = batch["labels"].to(self.device)
-        row_image = batch["row_image"].to(self.device)
+    def score(self, batch: PreferenceBatch, null_images: torch.Tensor) -> List[Dict[str, Any]]:
+        """One audit row per example of a collated batch (``null_images``: one per example)."""
+        batch = batch.to(self.device, self.dtype)
+        tokens, labels = batch.tokens, batch.labels
         # Output head on answer positions only, as povid_dpo: the same logits, the same sums.
         positions = answer_positions(labels)
         targets = answer_targets(labels, positions)
-        chosen_rows = batch["kind_rows"]["chosen"]
-        of_chosen = torch.isin(positions[0], torch.tensor(chosen_rows, device=self.device))
+        chosen_rows = batch.chosen_rows
+        of_chosen = torch.isin(positions[0], chosen_rows)
         noise = self._online_noise_targets(batch, tokens, labels, chosen_rows) if self.online_noise else None
         logps: Dict[str, torch.Tensor] = {}
         noise_logps: Dict[str, torch.Tensor] = {}
-        for condition, key in (("image", "images"), ("null", "null_images")):
-            features = encode_images(self.model, batch[key].to(self.device, self.dtype))
-            logits = row_logits(self.model, tokens, features, row_image, positions)
+        for condition, images in (("image", batch.images), ("null", null_images.to(self.device, self.dtype))):
+            features = encode_images(self.model, images)
+            logits = row_logits(self.model, tokens, features, batch.row_image, positions)
             logps[condition] = answer_logprobs(logits, positions[0], targets, len(tokens)).cpu()
             if noise is not None:
                 # The online noise answer is read off the chosen rows' logits (y_w,<t as the
@@ -253,18 +248,21 @@ class AuditRecipe:
     def _online_noise_targets(self, batch, tokens, labels, chosen_rows):
         """Teacher-forced argmax on the noisy image: ``y_noise_t = argmax p(. | noisy, y_w,<t)``."""
         chosen_positions = answer_positions(labels[chosen_rows])
-        noisy = encode_images(self.model, batch["noisy_images"].to(self.device, self.dtype))
+        noisy = encode_images(self.model, batch.noisy_images)
         # Chosen rows come in example order, one per example: row i uses noisy image i.
         noisy_logits = row_logits(self.model, tokens[chosen_rows], noisy, positions=chosen_positions)
         return chosen_positions, noisy_logits.argmax(-1)
 
     def _rows(self, batch, logps, noise_logps, noise) -> List[Dict[str, Any]]:
         """The batch's log-probs (per row, per condition) regrouped as one row per pair."""
-        counts = answer_token_counts(batch["labels"]).tolist()
-        owners = batch["row_example"].tolist()
-        where = {(kind, owner): i for i, (kind, owner) in enumerate(zip(batch["row_kind"], owners))}
+        counts = answer_token_counts(batch.labels).tolist()
+        where = {
+            (kind, owner): row
+            for kind, indices in batch.kind_rows.items()
+            for row, owner in zip(indices.tolist(), batch.row_example[indices].tolist())
+        }
         rows = []
-        for example, rid in enumerate(batch["ids"]):
+        for example, rid in enumerate(batch.ids):
             record = self.dataset.records[self.dataset_index[rid]]
             row: Dict[str, Any] = {"id": rid, "kinds": edit_kinds(record), "tokens": {}}
             for kind in ("chosen", "rejected", "noise"):
@@ -304,9 +302,9 @@ class AuditRecipe:
                 num_workers=int(cfg.get("num_workers", 0)),
             )
             with tqdm(total=len(self.selected), initial=len(self.selected) - len(todo), desc="povid_audit") as bar:
-                for batch in loader:
-                    writer.write(self.score(batch))
-                    bar.update(len(batch["ids"]))
+                for batch, null_images in loader:
+                    writer.write(self.score(batch, null_images))
+                    bar.update(batch.num_examples)
         summary = self.summarize(rows_path)
         print(markdown(summary), end="")
         return summary

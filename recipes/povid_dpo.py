@@ -73,7 +73,7 @@ from povid.training import (
     upcast_trainable,
 )
 from povid_data.distort import NoiseSettings
-from povid_data.preference_dataset import collate_preferences
+from povid_data.preference_dataset import PreferenceBatch, collate_preferences
 from povid_data.transforms import LlavaImageTransform, LlavaMessageTransform
 
 log = utils.get_logger("INFO")
@@ -217,31 +217,14 @@ class POVIDDPORecipe:
             self.dataset,
             batch_size=cfg.batch_size,
             sampler=self.sampler,
-            collate_fn=partial(collate_preferences, pad_id=args.pad_token_id),
+            # Noise rows scored on the noisy image get it stacked after the clean ones.
+            collate_fn=partial(
+                collate_preferences, pad_id=args.pad_token_id, noise_rows_on_noisy_image=self.noise.noisy_dataset_rows
+            ),
             num_workers=cfg.get("num_workers", 0),
         )
 
     # ------------------------------------------------------------------------- forward
-
-    def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        out = dict(batch)
-        for key in ("tokens", "labels", "row_image", "row_example"):
-            out[key] = batch[key].to(self.device)
-        for key in ("images", "noisy_images"):
-            if key in batch:
-                out[key] = batch[key].to(self.device, self.dtype)
-        if self.noise.noisy_dataset_rows:
-            # Dataset noise rows read the noisy copies, stacked after the clean images.
-            out["row_image"] = out["row_image"].clone()
-            out["row_image"][batch["kind_rows"].get("noise", [])] += len(batch["ids"])
-        return out
-
-    def _batch_features(self, model, batch, *, reference: bool) -> torch.Tensor:
-        """Features of every image a row points at: the clean ones (+ the noisy copies)."""
-        images = batch["images"]
-        if self.noise.noisy_dataset_rows:
-            images = torch.cat([images, batch["noisy_images"]])
-        return self._features(model, images, reference=reference)
 
     def _row_logps(
         self, model, features, batch, *, reference: bool, online_noise: bool,
@@ -255,36 +238,34 @@ class POVIDDPORecipe:
         ``shared_noise_targets``: the policy's noise answer, which the reference scores under
         ``noise.argmax=shared`` instead of taking its own argmax.
         """
-        tokens, labels, row_image = batch["tokens"], batch["labels"], batch["row_image"]
-        positions = answer_positions(labels)
-        logits = row_logits(model, tokens, features, row_image, positions)
-        logps = answer_logprobs(logits, positions[0], answer_targets(labels, positions), len(tokens))
-        out = {kind: logps[rows] for kind, rows in batch["kind_rows"].items()}
+        positions = answer_positions(batch.labels)
+        logits = row_logits(model, batch.tokens, features, batch.row_image, positions)
+        logps = answer_logprobs(logits, positions[0], answer_targets(batch.labels, positions), len(batch.tokens))
+        out = {kind: logps[rows] for kind, rows in batch.kind_rows.items()}
         noise_targets = None
         if online_noise:
-            chosen_rows = batch["kind_rows"]["chosen"]
             # Positions are row-major, so the chosen rows' entries keep the order that
             # answer_positions gives for labels[chosen_rows].
-            of_chosen = torch.isin(positions[0], torch.tensor(chosen_rows, device=labels.device))
+            of_chosen = torch.isin(positions[0], batch.chosen_rows)
             out["noise"], noise_targets = self._online_noise_logps(
-                model, logits[of_chosen], batch, chosen_rows, reference=reference, shared_targets=shared_noise_targets
+                model, logits[of_chosen], batch, reference=reference, shared_targets=shared_noise_targets
             )
         return out, noise_targets
 
-    def _online_noise_logps(self, model, chosen_logits, batch, chosen_rows, *, reference: bool, shared_targets):
+    def _online_noise_logps(self, model, chosen_logits, batch, *, reference: bool, shared_targets):
         """log p(y_noise | image, y_w,<t) with y_noise the argmax on the noisy image (this
         model's own, or ``shared_targets`` when given), and y_noise.
 
         ``chosen_logits``: the clean pass's logits at the chosen rows' answer positions.
         """
         condition = self.noise.condition
-        tokens, labels = batch["tokens"][chosen_rows], batch["labels"][chosen_rows]
+        tokens, labels = batch.tokens[batch.chosen_rows], batch.labels[batch.chosen_rows]
         positions = answer_positions(labels)
         own_argmax = shared_targets is None
         if own_argmax or condition == "noisy":
             # One noisy pass serves both the argmax and, if conditioned on it, the scoring.
             with nullcontext() if condition == "noisy" and not reference else torch.no_grad():
-                noisy_features = self._features(model, batch["noisy_images"], reference=reference)
+                noisy_features = self._features(model, batch.noisy_images, reference=reference)
                 noisy_logits = row_logits(model, tokens, noisy_features, positions=positions)
         if own_argmax:
             # Teacher-forced: at each answer position the token ranked first given y_w,<t.
@@ -292,7 +273,7 @@ class POVIDDPORecipe:
         else:
             noise_targets = shared_targets
         scored = noisy_logits if condition == "noisy" else chosen_logits
-        return answer_logprobs(scored, positions[0], noise_targets, len(chosen_rows)), noise_targets
+        return answer_logprobs(scored, positions[0], noise_targets, len(batch.chosen_rows)), noise_targets
 
     def _features(self, model, images, *, reference: bool) -> torch.Tensor:
         return self.reference.features(images) if reference else encode_images(model, images)
@@ -312,32 +293,33 @@ class POVIDDPORecipe:
             if self.reference.shares_policy_features:
                 features = policy_features.detach()
             else:
-                features = self._batch_features(reference, batch, reference=True)
+                features = self._features(reference, batch.images, reference=True)
             logps, _ = self._row_logps(
                 reference, features, batch, reference=True, online_noise=online_noise, shared_noise_targets=shared
             )
         return logps
 
-    def _cached_reference(self, batch) -> Dict[str, torch.Tensor]:
-        out: Dict[str, list] = {}
-        for kind, owner in zip(batch["row_kind"], batch["row_example"].tolist()):
-            out.setdefault(kind, []).append(self.reference.cache[batch["ids"][owner]][kind])
-        return {k: torch.tensor(v, device=self.device) for k, v in out.items()}
+    def _cached_reference(self, batch: PreferenceBatch) -> Dict[str, torch.Tensor]:
+        cache = self.reference.cache
+        return {
+            kind: torch.tensor([cache[batch.ids[owner]][kind] for owner in batch.row_example[rows].tolist()], device=self.device)
+            for kind, rows in batch.kind_rows.items()
+        }
 
     def _mixed_precision(self):
         return mixed_precision(self.device, self.dtype, self.trainable_dtype, distributed=self.distributed)
 
-    def _preference_logprobs(self, batch) -> PreferenceLogProbs:
-        features = self._batch_features(self.model, batch, reference=False)
+    def preference_logprobs(self, batch: PreferenceBatch) -> PreferenceLogProbs:
+        """Policy and reference log-probs of every answer of a batch (on the recipe's device),
+        per example, as the loss takes them: one step's forward without the loss."""
+        features = self._features(self.model, batch.images, reference=False)
         policy, noise_targets = self._row_logps(
             self.model, features, batch, reference=False, online_noise=self.noise.online
         )
         ref = self._reference_logps(
             batch, features, online_noise=self.noise.online, policy_noise_targets=noise_targets
         )
-        n = len(batch["ids"])
-        noise, ref_noise, mask = self._noise_per_example(policy, ref, batch, n)
-        chosen_rows = batch["kind_rows"]["chosen"]
+        noise, ref_noise, mask = self._noise_per_example(policy, ref, batch)
         return PreferenceLogProbs(
             chosen=policy["chosen"],
             rejected=policy["rejected"],
@@ -346,15 +328,16 @@ class POVIDDPORecipe:
             noise=noise,
             ref_noise=ref_noise,
             noise_mask=mask,
-            chosen_tokens=answer_token_counts(batch["labels"][chosen_rows]),
+            chosen_tokens=answer_token_counts(batch.labels[batch.chosen_rows]),
         )
 
-    def _noise_per_example(self, policy, ref, batch, n):
+    def _noise_per_example(self, policy, ref, batch: PreferenceBatch):
+        n = batch.num_examples
         if "noise" not in policy:
             return None, None, None
         if self.noise.online:
             return policy["noise"], ref["noise"], torch.ones(n, dtype=torch.bool, device=self.device)
-        owners = batch["row_example"][batch["kind_rows"]["noise"]]
+        owners = batch.row_example[batch.noise_rows]
         noise = torch.zeros(n, device=self.device, dtype=policy["noise"].dtype)
         ref_noise = torch.zeros_like(noise)
         mask = torch.zeros(n, dtype=torch.bool, device=self.device)
@@ -408,15 +391,13 @@ class POVIDDPORecipe:
             collate_fn=self.dataloader.collate_fn,
         )
         for batch in tqdm(loader, desc="reference log-probs", disable=not self.is_rank_zero):
-            batch = self._to_device(batch)
+            batch = batch.to(self.device, self.dtype)
             with torch.no_grad(), self._mixed_precision():
-                features = self._batch_features(self.model, batch, reference=False)
+                features = self._features(self.model, batch.images, reference=False)
                 ref = self._reference_logps(batch, features, online_noise=False, use_cache=False)
-            kinds_seen: Dict[str, int] = {}
-            for kind, owner in zip(batch["row_kind"], batch["row_example"].tolist()):
-                index = kinds_seen.get(kind, 0)
-                kinds_seen[kind] = index + 1
-                cache.setdefault(batch["ids"][owner], {})[kind] = float(ref[kind][index])
+            for kind, rows in batch.kind_rows.items():
+                for owner, logp in zip(batch.row_example[rows].tolist(), ref[kind].tolist()):
+                    cache.setdefault(batch.ids[owner], {})[kind] = logp
         if self.distributed:
             gathered = [None] * self.world_size
             dist.all_gather_object(gathered, cache)
@@ -445,15 +426,15 @@ class POVIDDPORecipe:
             for index, batch in enumerate(self.dataloader):
                 if index < self.batches_done_in_epoch:
                     continue  # resumed: these batches were consumed before the stop
-                batch = self._to_device(batch)
+                batch = batch.to(self.device, self.dtype)
                 with self._mixed_precision():
-                    loss, metrics = self.loss_fn(self._preference_logprobs(batch))
+                    loss, metrics = self.loss_fn(self.preference_logprobs(batch))
                     loss = loss / accumulation
                 self._check_finite(loss, "loss")
                 loss.backward()
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) / accumulation
-                tokens_seen += int((batch["labels"] != -100).sum())
+                tokens_seen += int((batch.labels != -100).sum())
                 self.batches_done_in_epoch = index + 1
                 last_in_epoch = index + 1 == self.batches_per_epoch
                 if self.batches_done_in_epoch % accumulation and not last_in_epoch:

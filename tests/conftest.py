@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from _shapes import save_shape_image
-from povid.tiny import make_tiny_checkpoint
+from _tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

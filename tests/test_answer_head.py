@@ -12,7 +12,7 @@ from torchtune.modules import TiedLinear
 import povid_dpo
 from povid.loss import answer_logprobs, sequence_logprobs
 from povid.model import lora_llava_1_5
-from povid.tiny import tiny_llava_args
+from _tiny import tiny_llava_args
 from povid.training import answer_positions, answer_targets, encode_images, row_logits
 
 IGNORE = -100
@@ -90,27 +90,24 @@ def test_answer_positions_are_shifted_by_one():
 
 
 def _full_logits_row_logps(self, model, features, batch, *, reference, online_noise, shared_noise_targets=None):
-    tokens, labels, row_image = batch["tokens"], batch["labels"], batch["row_image"]
-    logits = row_logits(model, tokens, features, row_image)
-    logps = sequence_logprobs(logits, labels)
-    kinds = batch["row_kind"]
-    out = {kind: logps[[i for i, k in enumerate(kinds) if k == kind]] for kind in set(kinds)}
+    logits = row_logits(model, batch.tokens, features, batch.row_image)
+    logps = sequence_logprobs(logits, batch.labels)
+    out = {kind: logps[rows] for kind, rows in batch.kind_rows.items()}
     noise_labels = None
     if online_noise:
-        chosen = [i for i, k in enumerate(kinds) if k == "chosen"]
         out["noise"], noise_labels = _full_logits_noise(
-            self, model, logits[chosen], batch, chosen, reference=reference, shared=shared_noise_targets
+            self, model, logits[batch.chosen_rows], batch, reference=reference, shared=shared_noise_targets
         )
     return out, noise_labels
 
 
-def _full_logits_noise(self, model, chosen_logits, batch, chosen_rows, *, reference, shared):
+def _full_logits_noise(self, model, chosen_logits, batch, *, reference, shared):
     cfg = self.cfg.noise
-    tokens, labels = batch["tokens"][chosen_rows], batch["labels"][chosen_rows]
+    tokens, labels = batch.tokens[batch.chosen_rows], batch.labels[batch.chosen_rows]
     own_argmax = shared is None
     if own_argmax or cfg.condition == "noisy":
         with nullcontext() if cfg.condition == "noisy" and not reference else torch.no_grad():
-            noisy_features = self._features(model, batch["noisy_images"], reference=reference)
+            noisy_features = self._features(model, batch.noisy_images, reference=reference)
             noisy_logits = row_logits(model, tokens, noisy_features)
     if own_argmax:
         predicted = torch.full_like(labels, IGNORE)

@@ -208,11 +208,11 @@ def test_resume_after_a_crash_and_refusal_of_other_settings(tmp_path, tiny_check
     original = povid_audit.AuditRecipe.score
     calls = {"n": 0}
 
-    def crash_on_third_batch(self, batch):
+    def crash_on_third_batch(self, *batch):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("simulated crash")
-        return original(self, batch)
+        return original(self, *batch)
 
     monkeypatch.setattr(povid_audit.AuditRecipe, "score", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):

@@ -10,7 +10,7 @@ from torchtune import config as tt_config
 from povid.config import RENAMED_KEYS, _config_keys, check_override_keys, load_config, resolve_config
 from povid.loss import POVIDLoss
 from povid.model import llava_1_5, lora_llava_1_5
-from povid.tiny import tiny_llava_args
+from _tiny import tiny_llava_args
 from povid.training import built_projector_trainable, lora_rank_alpha, set_trainable
 
 REQUIRED = ["checkpoint_dir=ckpt", "data_file=prefs.jsonl"]

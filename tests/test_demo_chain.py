@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from povid.cli import main as povid_main
-from povid.demo import companion_hallucination_rate, summary_table
+from povid_demo.chain import companion_hallucination_rate, summary_table
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_companion_rate_counts_captions_that_add_a_missing_partner():
 
 
 def test_demo_evaluates_chair_with_corrected_counting(tmp_path, monkeypatch):
-    from povid.demo import DEMO_SIZES, Demo
+    from povid_demo.chain import DEMO_SIZES, Demo
 
     commands = {}
     monkeypatch.setattr(Demo, "_run", lambda self, key, title, command, stage_dir: commands.setdefault(key, command))

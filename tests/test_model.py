@@ -12,7 +12,7 @@ from povid.model import (
     qlora_llava_1_5_7b,
     read_llava_args,
 )
-from povid.tiny import tiny_llava_args
+from _tiny import tiny_llava_args
 
 
 def _hf_param_count(hidden: int, layers: int, heads: int, intermediate: int) -> int:

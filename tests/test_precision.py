@@ -80,9 +80,9 @@ def test_preference_training_turns_every_dropout_off(tmp_path, tiny_checkpoint, 
                 if hasattr(module, "lora_b"):
                     module.lora_b.weight.normal_(0, 0.5)  # adapters that matter, as after training
         recipe.model.train()
-        batch = recipe._to_device(next(iter(recipe.dataloader)))
-        first = recipe._preference_logprobs(batch).chosen
-        second = recipe._preference_logprobs(batch).chosen
+        batch = next(iter(recipe.dataloader)).to(recipe.device, recipe.dtype)
+        first = recipe.preference_logprobs(batch).chosen
+        second = recipe.preference_logprobs(batch).chosen
         recipe.cleanup()
         return first, second
 

@@ -30,11 +30,13 @@ def test_rows_images_and_labels(preference_data, transforms):
     dataset = PreferenceDataset(preference_data, messages, images)
     batch = collate_preferences([dataset[i] for i in range(4)], pad_id=0)
     # r0 and r2 have noise answers, r1 and r3 do not
-    assert batch["row_kind"] == ["chosen"] * 4 + ["rejected"] * 4 + ["noise"] * 2
-    assert batch["kind_rows"] == {"chosen": [0, 1, 2, 3], "rejected": [4, 5, 6, 7], "noise": [8, 9]}
-    assert batch["row_example"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 2]
-    assert batch["images"].shape == (4, 3, args.image_size, args.image_size)
-    tokens, labels = batch["tokens"], batch["labels"]
+    assert {kind: rows.tolist() for kind, rows in batch.kind_rows.items()} == {
+        "chosen": [0, 1, 2, 3], "rejected": [4, 5, 6, 7], "noise": [8, 9]
+    }
+    assert batch.row_example.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 2]
+    assert batch.row_image.tolist() == batch.row_example.tolist()
+    assert batch.images.shape == (4, 3, args.image_size, args.image_size)
+    tokens, labels = batch.tokens, batch.labels
     assert tokens.shape == labels.shape and tokens.shape[0] == 10
     for row in range(10):
         assert int((tokens[row] == args.image_token_id).sum()) == args.num_image_tokens
@@ -47,7 +49,7 @@ def test_rows_images_and_labels(preference_data, transforms):
     prompt_len = int((labels[0] != IGNORE_INDEX).nonzero().min())
     assert torch.equal(tokens[0, :prompt_len], tokens[4, :prompt_len])
     assert torch.equal(tokens[0, :prompt_len], tokens[8, :prompt_len])
-    assert "noisy_images" not in batch
+    assert batch.noisy_images is None
 
 
 def test_online_noise_is_fresh_per_epoch_and_reproducible(preference_data, transforms):
@@ -62,7 +64,25 @@ def test_online_noise_is_fresh_per_epoch_and_reproducible(preference_data, trans
     dataset.set_epoch(1)
     assert not torch.equal(dataset[0]["noisy_image"], first["noisy_image"])
     batch = collate_preferences([dataset[0], dataset[1]])
-    assert batch["noisy_images"].shape == batch["images"].shape
+    assert batch.noisy_images.shape == batch.images.shape
+
+
+def test_noise_rows_can_point_at_the_noisy_images(preference_data, transforms):
+    """noise.condition=noisy with dataset answers: the noisy copies follow the clean images
+    and only the noise rows point at them; the batch moves to a device and dtype whole."""
+    messages, images, _ = transforms
+    dataset = PreferenceDataset(preference_data, messages, images, noise_fn=_noise)
+    examples = [dataset[i] for i in range(4)]
+    batch = collate_preferences(examples, noise_rows_on_noisy_image=True)
+    assert len(batch.images) == 8
+    assert torch.equal(batch.images[4:], batch.noisy_images)
+    assert batch.row_image[batch.noise_rows].tolist() == [4 + 0, 4 + 2]  # r0 and r2's noisy copies
+    assert batch.row_image[batch.chosen_rows].tolist() == [0, 1, 2, 3]
+    moved = batch.to("cpu", torch.float64)
+    assert moved.images.dtype == torch.float64 and moved.tokens.dtype == torch.long
+    with pytest.raises(ValueError, match="noisy_image"):
+        collate_preferences([{k: v for k, v in e.items() if k != "noisy_image"} for e in examples],
+                            noise_rows_on_noisy_image=True)  # fmt: skip
 
 
 def _write(tmp_path, record):

@@ -5,7 +5,7 @@ import torch
 
 from povid.model import llava_1_5, lora_llava_1_5
 from povid.reference import ReferenceModel
-from povid.tiny import tiny_llava_args
+from _tiny import tiny_llava_args
 from povid.training import encode_images, image_encoder
 
 

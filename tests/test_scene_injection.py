@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import povid_hallucinate
 from povid.config import resolve_config
-from povid.demo import world_stage1_overrides
+from povid_demo.chain import world_stage1_overrides
 from povid_data.hallucinate_scene import DEFAULT_WEIGHTS, SCENE_KINDS, SceneInjector, in_caption_order, replay
 from povid_data.synthetic_world import (
     COLOURS,

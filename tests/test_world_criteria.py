@@ -2,7 +2,7 @@
 
 import pytest
 
-from povid.world_criteria import addition_counts, base_criteria, criteria_as_dict, criteria_met, criteria_table
+from povid_demo.criteria import addition_counts, base_criteria, criteria_as_dict, criteria_met, criteria_table
 
 
 def _caption(ground_truth, correct, hallucinated):

@@ -3,9 +3,9 @@
 ``povid demo`` runs, each stage as the ``tune run`` command a user would type:
 
 1. make the synthetic world (:mod:`povid_data.synthetic_world`): images, exact captions, COCO
-   annotations, LLaVA instruction data; and the untrained world LLaVA (:mod:`povid.tiny_world`);
+   annotations, LLaVA instruction data; and the untrained world LLaVA (:mod:`povid_demo.world_model`);
 2. ``llava_sft``: supervised fine-tuning of that model: the *base* model POVID aligns; then
-   ``povid_eval`` of the base and the world's criteria (:mod:`povid.world_criteria`: does the base
+   ``povid_eval`` of the base and the world's criteria (:mod:`povid_demo.criteria`: does the base
    know what is there and still add objects in long descriptions?), printed PASS / NOT MET;
 3. ``povid_hallucinate`` (``rules`` backend): stage 1, hallucinated rewrites of the ground truth;
 4. ``povid_distort``: stage 2, the base model's answers on diffusion-noised images;
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from povid.audit import headline
+from povid_demo.figure import draw_summary
 from povid_data.synthetic_world import COMPANION, WorldConfig
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "companion_hallucination_rate",
     "summary_rows",
     "summary_table",
-    "draw_summary",
     "report_base_criteria",
 ]
 
@@ -204,7 +204,7 @@ class Demo:
             _say(f"1/6 world: done before, reusing ({self.world_dir})")
             self.seconds["world"] = 0.0
             return self.world_dir
-        from povid.tiny_world import make_world_checkpoint
+        from povid_demo.world_model import make_world_checkpoint
         from povid_data.synthetic_world import make_world
 
         start = time.perf_counter()
@@ -395,10 +395,10 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def report_base_criteria(results: Mapping[str, Path], out_dir: Path) -> str:
-    """Check the base against the world's criteria (:mod:`povid.world_criteria`), print the
+    """Check the base against the world's criteria (:mod:`povid_demo.criteria`), print the
     table and write it to ``base_criteria.md`` / ``.json`` in ``out_dir``; returns the table."""
     from povid.metrics.report import read_results
-    from povid.world_criteria import addition_counts, base_criteria, criteria_as_dict, criteria_table
+    from povid_demo.criteria import addition_counts, base_criteria, criteria_as_dict, criteria_table
 
     chair = read_results(results["chair"])
     criteria = base_criteria(chair, read_results(results["pope"]))
@@ -415,157 +415,6 @@ def report_base_criteria(results: Mapping[str, Path], out_dir: Path) -> str:
          "name every object that is there)")  # fmt: skip
     print(table)
     return table
-
-
-def _read_metrics(path: Path) -> List[Dict[str, float]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _smooth(values: List[float], window: int) -> List[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def _plot(draw, font, box, title: str, series: Sequence[tuple]) -> None:
-    """A line chart in ``box``: ``series`` = ``(label, ys, colour)``; x is the step."""
-    x0, y0, x1, y1 = box
-    draw.rectangle(box, outline=(0, 0, 0))
-    draw.text((x0 + 4, y0 - 18), title, fill=(0, 0, 0), font=font)
-    ys_all = [y for _, ys, _ in series for y in ys]
-    if not ys_all:
-        draw.text((x0 + 8, y0 + 8), "(no data)", fill=(0, 0, 0), font=font)
-        return
-    lo, hi = min(ys_all), max(ys_all)
-    hi = hi if hi > lo else lo + 1
-    pad = 6
-    for i, (label, ys, colour) in enumerate(series):
-        if len(ys) < 2:
-            continue
-        points = [
-            (x0 + pad + (x1 - x0 - 2 * pad) * k / (len(ys) - 1), y1 - pad - (y1 - y0 - 2 * pad) * (y - lo) / (hi - lo))
-            for k, y in enumerate(ys)
-        ]
-        draw.line(points, fill=colour, width=2)
-        draw.text((x1 - 150, y0 + 4 + 16 * i), f"{label}: {ys[-1]:.3g}", fill=colour, font=font)
-    draw.text((x0 + 4, y0 + 2), f"{hi:.3g}", fill=(90, 90, 90), font=font)
-    draw.text((x0 + 4, y1 - 16), f"{lo:.3g}", fill=(90, 90, 90), font=font)
-
-
-def _wrap_words(words: List[tuple], font, width: int) -> List[List[tuple]]:
-    lines, line, used = [], [], 0
-    space = font.getlength(" ")
-    for word, colour in words:
-        w = font.getlength(word)
-        if line and used + w > width:
-            lines.append(line)
-            line, used = [], 0
-        line.append((word, colour))
-        used += w + space
-    if line:
-        lines.append(line)
-    return lines
-
-
-def _caption_words(text: str, hallucinated: set) -> List[tuple]:
-    """Words of a caption, coloured red when they name a hallucinated object."""
-    from povid.metrics.chair import singularize, tokenize
-
-    out = []
-    for word in text.split():
-        tokens = tokenize(word)
-        bad = any(singularize(t) in hallucinated for t in tokens)
-        out.append((word, (200, 0, 0) if bad else (0, 0, 0)))
-    return out
-
-
-def draw_summary(
-    out_file: Path,
-    *,
-    sft_metrics: Path,
-    dpo_metrics: Path,
-    base_chair: Path,
-    povid_chair: Path,
-    image_dir: Path,
-    annotations_file: Path,
-    rows: Sequence[Mapping[str, Any]],
-    n_examples: int = 6,
-) -> Path:
-    """Draw ``out_file`` (PNG, Pillow only): SFT and DPO training curves, the table's headline
-    numbers, and test images where the base and POVID captions differ (hallucinated words red)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from povid.metrics.report import read_results
-
-    font = ImageFont.load_default(size=13)
-    bold = ImageFont.load_default(size=16)
-    width = 1400
-    canvas = Image.new("RGB", (width, 1500), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((20, 12), "POVID on the synthetic world: base (SFT) vs POVID", fill=(0, 0, 0), font=bold)
-
-    sft = _read_metrics(sft_metrics)
-    dpo = _read_metrics(dpo_metrics)
-    window = 20
-    _plot(draw, font, (20, 60, 460, 300), "llava_sft: loss per step",
-          [("loss", _smooth([r["loss"] for r in sft], window), (31, 90, 220))])  # fmt: skip
-    _plot(draw, font, (480, 60, 920, 300), "povid_dpo: loss and reward accuracy",
-          [("loss", _smooth([r["loss"] for r in dpo], window), (214, 39, 40)),
-           ("accuracy", _smooth([r.get("rewards/accuracy", 0) for r in dpo], window), (44, 160, 44))])  # fmt: skip
-    _plot(draw, font, (940, 60, 1380, 300), "povid_dpo: log-prob of chosen / rejected",
-          [("chosen", _smooth([r.get("logps/chosen", 0) for r in dpo], window), (31, 90, 220)),
-           ("rejected", _smooth([r.get("logps/rejected", 0) for r in dpo], window), (214, 39, 40))])  # fmt: skip
-
-    y = 320
-    for row in rows:
-        text = (f"{row['name']:<8} CHAIR_S {row['chair_s']:.1f}   CHAIR_I {row['chair_i']:.1f}   recall "
-                f"{row['recall']:.1f}   companion {row['companion']:.1f}   POPE F1 {row['pope_f1']:.1f}")  # fmt: skip
-        draw.text((20, y), text, fill=(0, 0, 0), font=font)
-        y += 18
-
-    base = {c["image_id"]: c for c in read_results(base_chair).get("details", [])}
-    tuned = {c["image_id"]: c for c in read_results(povid_chair).get("details", [])}
-    files = {i["id"]: i["file_name"] for i in json.loads(annotations_file.read_text())["images"]}
-    differ = [i for i in sorted(base) if i in tuned and base[i]["caption"] != tuned[i]["caption"]]
-    # Images where the base hallucinated first, then the others; in id order within each group.
-    chosen = ([i for i in differ if base[i]["hallucinated"]] + [i for i in differ if not base[i]["hallucinated"]])[:n_examples]
-    y += 12
-    draw.text((20, y), f"Test images whose captions differ ({len(differ)} of {len(base)}; first {len(chosen)}, "
-              "base hallucinating first). Red: object not in the image.", fill=(0, 0, 0), font=font)  # fmt: skip
-    y += 24
-    for image_id in chosen:
-        image = Image.open(image_dir / files[image_id]).convert("RGB").resize((128, 128), Image.NEAREST)
-        canvas.paste(image, (20, y))
-        text_x, text_w, line_y = 160, width - 180, y
-        for label, caption in (("truth", None), ("base", base[image_id]), ("POVID", tuned[image_id])):
-            if caption is None:
-                words = [(w, (90, 90, 90)) for w in ", ".join(base[image_id]["ground_truth"]).split()]
-            else:
-                words = _caption_words(caption["caption"], {w for w, _ in caption["hallucinated"]})
-            draw.text((text_x, line_y), f"{label}:", fill=(0, 0, 0), font=bold)
-            for line in _wrap_words(words, font, text_w - 70):
-                x = text_x + 70
-                for word, colour in line:
-                    draw.text((x, line_y + 2), word, fill=colour, font=font)
-                    x += font.getlength(word + " ")
-                line_y += 17
-        y = max(y + 136, line_y + 8)
-    canvas = canvas.crop((0, 0, width, min(canvas.height, y + 10)))
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_file)
-    return out_file
 
 
 def run_demo(

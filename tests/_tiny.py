@@ -1,8 +1,9 @@
 """A tiny random LLaVA-1.5-shaped checkpoint, written without any download.
 
-Used by the offline demo and the tests: a SentencePiece tokenizer trained in-process on a small
-description corpus, a CLIP-style tower, projector and Llama decoder with random weights, saved
-in the llava-hf layout exactly as a real checkpoint would be.
+For the tests (and the CPU-size run of benchmarks/precision_check.py): a SentencePiece
+tokenizer trained in-process on a small description corpus, a CLIP-style tower, projector and
+Llama decoder with random weights, saved in the llava-hf layout exactly as a real checkpoint
+would be.
 """
 
 from __future__ import annotations
