@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import povid_dpo
-from _recipes import crash_at, metrics, run_recipe
+from _recipes import crash_at, metrics, recipe_after_setup, run_recipe
 from povid.checkpoint import load_llava
 
 
@@ -51,24 +51,22 @@ def test_precomputed_reference_gives_identical_losses(tmp_path, tiny_checkpoint,
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in live], abs=1e-6)
 
 
-def test_full_finetuning_frees_its_reference_copy_once_log_probs_are_cached(
-    tmp_path, tiny_checkpoint, preference_data, monkeypatch
-):
+def test_full_finetuning_frees_its_reference_copy_once_log_probs_are_cached(tmp_path, tiny_checkpoint, preference_data):
     live = _run("povid_tiny_full", tiny_checkpoint, preference_data, tmp_path / "a", "max_steps=3")
-    setup = povid_dpo.POVIDDPORecipe.setup
-    references = []
-
-    def record_reference(self):
-        setup(self)
-        references.append(self.reference.frozen_copy)
-
-    monkeypatch.setattr(povid_dpo.POVIDDPORecipe, "setup", record_reference)
     cached = _run(
         "povid_tiny_full", tiny_checkpoint, preference_data, tmp_path / "b", "max_steps=3",
         "reference.precompute=true",
     )  # fmt: skip
-    assert references == [None]
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in live], abs=1e-6)
+    # Set up again: the cache of run b serves every log-prob, so no frozen copy is kept.
+    recipe = recipe_after_setup(povid_dpo.POVIDDPORecipe, "povid_tiny_full", tiny_checkpoint, preference_data,
+                                tmp_path / "b", "max_steps=3", "reference.precompute=true")  # fmt: skip
+    assert recipe.reference.frozen_copy is None and recipe.reference.cache is not None
+    recipe.cleanup()
+    online = recipe_after_setup(povid_dpo.POVIDDPORecipe, "povid_tiny_full", tiny_checkpoint, preference_data,
+                                tmp_path / "c", "max_steps=3", "reference.precompute=true", "noise.source=online")  # fmt: skip
+    assert online.reference.frozen_copy is not None  # online noise answers still need a live reference
+    online.cleanup()
 
 
 @pytest.mark.parametrize(
@@ -129,20 +127,10 @@ def test_a_users_dataset_builder_replaces_ours(tmp_path, tiny_checkpoint, prefer
     assert len(rows) == 2  # 4 records at batch 2: one epoch is two steps
 
 
-def test_non_finite_loss_stops_and_names_last_checkpoint(tmp_path, tiny_checkpoint, preference_data, monkeypatch):
-    from povid.loss import POVIDLoss
-
-    original = POVIDLoss.forward
-    calls = {"n": 0}
-
-    def nan_on_sixth_batch(self, lp):
-        calls["n"] += 1
-        loss, metrics = original(self, lp)
-        return (loss * float("nan") if calls["n"] == 6 else loss), metrics
-
-    monkeypatch.setattr(POVIDLoss, "forward", nan_on_sixth_batch)
+def test_non_finite_loss_stops_and_names_last_checkpoint(tmp_path, tiny_checkpoint, preference_data):
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 6 .*step_4"):
-        _run("povid_tiny_lora", tiny_checkpoint, preference_data, tmp_path, "epochs=3", "save_every_n_steps=4")
+        _run("povid_tiny_lora", tiny_checkpoint, preference_data, tmp_path, "epochs=3", "save_every_n_steps=4",
+             "loss._component_=_recipes.NaNLoss", "loss.nan_at_call=6")  # fmt: skip
     assert (tmp_path / "step_4" / "recipe_state.pt").exists()
     assert not (tmp_path / "step_6").exists()
 
