@@ -1,9 +1,5 @@
 """The output head on answer positions only equals full logits: log-probs, gradients, losses."""
 
-import json
-from contextlib import nullcontext
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -12,6 +8,7 @@ from torchtune.modules import TiedLinear
 import povid_dpo
 from povid.loss import answer_logprobs, sequence_logprobs
 from povid.model import lora_llava_1_5
+from _recipes import recipe_after_setup
 from _tiny import tiny_llava_args
 from povid.training import answer_positions, answer_targets, encode_images, row_logits
 
@@ -86,36 +83,29 @@ def test_answer_positions_are_shifted_by_one():
     assert answer_targets(labels, (rows, cols)).tolist() == [5, 6, 7]
 
 
-# --- The recipe against its previous full-logits implementation, kept here as the reference.
+# --- The recipe's step forward against full logits computed here, by the definition.
 
 
-def _full_logits_row_logps(self, model, features, batch, *, reference, online_noise, shared_noise_targets=None):
-    logits = row_logits(model, batch.tokens, features, batch.row_image)
+def _full_logits(model, features_of, batch, *, condition: str, shared_targets=None):
+    """Every row kind's summed log-probs from ``[rows, seq, vocab]`` logits, and the online
+    noise answer (teacher-forced argmax on the noisy image) when the batch has noisy images
+    of the chosen rows."""
+    logits = row_logits(model, batch.tokens, features_of(batch.images), batch.row_image)
     logps = sequence_logprobs(logits, batch.labels)
     out = {kind: logps[rows] for kind, rows in batch.kind_rows.items()}
-    noise_labels = None
-    if online_noise:
-        out["noise"], noise_labels = _full_logits_noise(
-            self, model, logits[batch.chosen_rows], batch, reference=reference, shared=shared_noise_targets
-        )
-    return out, noise_labels
-
-
-def _full_logits_noise(self, model, chosen_logits, batch, *, reference, shared):
-    cfg = self.cfg.noise
-    tokens, labels = batch.tokens[batch.chosen_rows], batch.labels[batch.chosen_rows]
-    own_argmax = shared is None
-    if own_argmax or cfg.condition == "noisy":
-        with nullcontext() if cfg.condition == "noisy" and not reference else torch.no_grad():
-            noisy_features = self._features(model, batch.noisy_images, reference=reference)
-            noisy_logits = row_logits(model, tokens, noisy_features)
-    if own_argmax:
-        predicted = torch.full_like(labels, IGNORE)
-        predicted[:, 1:] = noisy_logits.detach()[:, :-1].argmax(-1)
-        noise_labels = torch.where(labels != IGNORE, predicted, labels)
-    else:
-        noise_labels = shared
-    return sequence_logprobs(noisy_logits if cfg.condition == "noisy" else chosen_logits, noise_labels), noise_labels
+    targets = None
+    if batch.noisy_images is not None and "noise" not in batch.kind_rows:
+        tokens, labels = batch.tokens[batch.chosen_rows], batch.labels[batch.chosen_rows]
+        noisy_logits = row_logits(model, tokens, features_of(batch.noisy_images))
+        if shared_targets is None:
+            predicted = torch.full_like(labels, IGNORE)
+            predicted[:, 1:] = noisy_logits[:, :-1].argmax(-1)
+            targets = torch.where(labels != IGNORE, predicted, labels)
+        else:
+            targets = shared_targets
+        scored = noisy_logits if condition == "noisy" else logits[batch.chosen_rows]
+        out["noise"] = sequence_logprobs(scored, targets)
+    return out, targets
 
 
 @pytest.mark.parametrize(
@@ -127,21 +117,41 @@ def _full_logits_noise(self, model, chosen_logits, batch, *, reference, shared):
         ("povid_tiny_full", ["noise.source=online", "loss.objective=povid_released"]),
     ],
 )
-def test_recipe_losses_equal_the_full_logits_recipe(
-    tmp_path, tiny_checkpoint, preference_data, monkeypatch, config, overrides
-):
-    def run(out):
-        povid_dpo.main(
-            ["--config", config, f"checkpoint_dir={tiny_checkpoint}", f"data_file={preference_data}",
-             f"output_dir={out}", "max_steps=4", "save_merged=false", *overrides]
-        )  # fmt: skip
-        return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+def test_recipe_logprobs_equal_full_logits(tmp_path, tiny_checkpoint, preference_data, config, overrides):
+    recipe = recipe_after_setup(
+        povid_dpo.POVIDDPORecipe, config, tiny_checkpoint, preference_data, tmp_path, "save_merged=false", *overrides
+    )
+    with torch.no_grad():
+        for name, param in recipe.model.named_parameters():
+            if param.requires_grad:  # a policy away from its reference, as after training
+                param.add_(torch.randn_like(param) * 0.05)
+    batch = next(iter(recipe.dataloader)).to(recipe.device, recipe.dtype)
+    got = recipe.preference_logprobs(batch)
+    noise = recipe.cfg.noise
+    with torch.no_grad():
+        model = recipe.model
+        policy, targets = _full_logits(model, lambda x: encode_images(model, x), batch, condition=noise.condition)
+        reference = recipe.reference
+        with reference.scoring():
+            shared = targets if noise.source == "online" and noise.argmax == "shared" else None
+            ref, _ = _full_logits(
+                reference.model, reference.features, batch, condition=noise.condition, shared_targets=shared
+            )
+    recipe.cleanup()
 
-    answer_only = run(tmp_path / "answer")
-    monkeypatch.setattr(povid_dpo.POVIDDPORecipe, "_row_logps", _full_logits_row_logps)
-    full = run(tmp_path / "full")
-    assert len(answer_only) == len(full) == 4
-    for new, old in zip(answer_only, full):
-        for key in ("loss", "logps/chosen", "logps/rejected", "logps/noise", "rewards/noise"):
-            if key in old:
-                assert new[key] == pytest.approx(old[key], rel=1e-5, abs=1e-6), key
+    def close(new, old):
+        assert torch.allclose(new.float(), old.float(), rtol=1e-5, atol=1e-4), (new, old)
+
+    close(got.chosen, policy["chosen"])
+    close(got.rejected, policy["rejected"])
+    close(got.ref_chosen, ref["chosen"])
+    close(got.ref_rejected, ref["rejected"])
+    assert "noise" in policy and got.noise_mask is not None and bool(got.noise_mask.any())
+    if noise.source == "online":
+        close(got.noise, policy["noise"])
+        close(got.ref_noise, ref["noise"])
+    else:  # one dataset noise row per example that has one
+        owners = batch.row_example[batch.noise_rows]
+        close(got.noise[owners], policy["noise"])
+        close(got.ref_noise[owners], ref["noise"])
+    assert not torch.allclose(got.chosen, got.ref_chosen)  # the comparison sees the policy
