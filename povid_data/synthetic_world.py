@@ -142,6 +142,10 @@ class WorldConfig:
     ``companion_rate``: in the training distribution, the probability that a kind's companion is
     in the image given that the kind is; ``balanced_companion_rate``: the same in the balanced
     test split (0.5). ``pair_probability`` of a scene unit is derived from them.
+    ``absent_companion_share``: of the yes/no questions about an absent kind, the share that
+    asks about the absent companion of a present kind when there is one (POPE's adversarial
+    negative, where the language prior answers "Yes"). 1.0 since world v9: at 0.5 the base
+    answered those questions from the prior (adversarial POPE 75 to 84 % on seeds 0 to 2).
     ``writer_addition_rate``: how often the training descriptions (``sft.json`` only) name the
     absent companion right after its partner, as a writer who did not look would (see
     :func:`written_scene`); every other file's text is exact.
@@ -155,6 +159,7 @@ class WorldConfig:
     companion_rate: float = 0.85
     balanced_companion_rate: float = 0.5
     sft_questions: Optional[int] = 4
+    absent_companion_share: float = 1.0
     writer_addition_rate: float = 0.6
     image_size: int = IMAGE_SIZE
     splits: Dict[str, str] = field(
@@ -487,12 +492,14 @@ def _yes_no_turns(kind: str, present: bool) -> List[dict]:
     return [{"from": "human", "value": question}, {"from": "gpt", "value": "Yes" if present else "No"}]
 
 
-def _asked_kinds(scene: Scene, rng: random.Random, questions: Optional[int]) -> List[Tuple[str, bool]]:
+def _asked_kinds(
+    scene: Scene, rng: random.Random, questions: Optional[int], companion_share: float
+) -> List[Tuple[str, bool]]:
     """``(kind, present)`` to ask about. ``questions`` None: every present kind and as many
     absent ones, the absent companions of present kinds first (POPE's adversarial negatives),
     shuffled (the last answers then follow from the first: a shortcut around the image); else
     that many independent draws, each a present or an absent kind equally often, an absent
-    companion half the time there is one, so no answer tells another."""
+    companion ``companion_share`` of the time there is one, so no answer tells another."""
     present = scene.kinds
     absent = [k for k in KINDS if k not in present]
     if questions is None:
@@ -507,7 +514,7 @@ def _asked_kinds(scene: Scene, rng: random.Random, questions: Optional[int]) -> 
     for _ in range(questions):
         if rng.random() < 0.5 or not absent:
             asked.append((rng.choice(present), True))
-        elif companions and rng.random() < 0.5:
+        elif companions and rng.random() < companion_share:
             asked.append((rng.choice(companions), False))
         else:
             asked.append((rng.choice(absent), False))
@@ -515,7 +522,8 @@ def _asked_kinds(scene: Scene, rng: random.Random, questions: Optional[int]) -> 
 
 
 def _sft_records(
-    record_id: str, image: str, text: str, prompt: str, scene: Scene, questions: Optional[int], rng: random.Random
+    record_id: str, image: str, text: str, prompt: str, scene: Scene, questions: Optional[int], rng: random.Random,
+    companion_share: float,
 ) -> List[dict]:
     """LLaVA-style instruction data for one image: its description, and (a separate
     conversation) yes/no questions about present and absent kinds, as LLaVA-1.5 mixes detailed
@@ -524,7 +532,8 @@ def _sft_records(
     answers carry little of a batch's loss, hence several per image."""
     records = [_describe_record(record_id, image, text, prompt)]
     if questions != 0:
-        turns = [turn for kind, present in _asked_kinds(scene, rng, questions) for turn in _yes_no_turns(kind, present)]
+        asked = _asked_kinds(scene, rng, questions, companion_share)
+        turns = [turn for kind, present in asked for turn in _yes_no_turns(kind, present)]
         turns[0] = {"from": "human", "value": f"<image>\n{turns[0]['value']}"}
         records.append({"id": f"{record_id}-qa", "image": image, "conversations": turns})
     return records
@@ -624,6 +633,9 @@ def make_world(
     """Generate the world into ``out_dir`` (see the module docstring); returns ``world.json``'s
     content. Deterministic given ``config.seed``; each split has its own random stream."""
     config = config or WorldConfig()
+    for name in ("absent_companion_share", "writer_addition_rate"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(config, name)}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     stats: Dict[str, dict] = {}
@@ -650,7 +662,8 @@ def make_world(
             if split == "train":
                 told = written_scene(scene, writer_rng, config.writer_addition_rate)
                 written_additions += len(told.objects) - len(scene.objects)
-                sft.extend(_sft_records(record_id, file_name, caption(told), prompt, scene, config.sft_questions, qa_rng))
+                sft.extend(_sft_records(record_id, file_name, caption(told), prompt, scene, config.sft_questions,
+                                        qa_rng, config.absent_companion_share))  # fmt: skip
         _coco_files(split, entries, out_dir)
         _write_json(out_dir / f"{split}.json", describe)
         if split == "train":

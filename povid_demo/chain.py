@@ -68,6 +68,8 @@ class DemoSettings:
     """Sizes and hyperparameters of one demo run (``DEMO_SIZES`` holds the two presets)."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
+    # The tower sees before SFT starts, as LLaVA's CLIP does (povid_demo.world_model); 0: random.
+    tower_pretrain_steps: int = 1000
     sft_epochs: int = 4
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
@@ -102,6 +104,7 @@ DEMO_SIZES: Dict[str, DemoSettings] = {
     # two minutes, on a base model far too undertrained to mean anything.
     "quick": DemoSettings(
         world=WorldConfig(train=640, pref=64, test=48, test_iid=16),
+        tower_pretrain_steps=100,
         sft_epochs=2,
         sft_batch_size=16,
         dpo_batch_size=8,
@@ -210,7 +213,10 @@ class Demo:
         start = time.perf_counter()
         _say(f"1/6 world: drawing the synthetic world into {self.world_dir}")
         make_world(self.world_dir, self.settings.world, progress=lambda m: _say("  " + m))
-        init = make_world_checkpoint(self.out / "init", seed=self.settings.world.seed)
+        init = make_world_checkpoint(
+            self.out / "init", seed=self.settings.world.seed, world_dir=self.world_dir,
+            pretrain_steps=self.settings.tower_pretrain_steps, progress=lambda m: _say("  " + m),
+        )  # fmt: skip
         _say(f"  untrained world LLaVA + tokenizer: {init}")
         self.seconds["world"] = time.perf_counter() - start
         done.write_text(json.dumps({"seconds": self.seconds["world"]}) + "\n")

@@ -120,20 +120,48 @@ def test_instruction_records_read_as_llava_data(world):
     assert all("Answer the question" in turn["value"] for r in asked for turn in r["conversations"][0::2])
     assert all(len(r["conversations"]) == 2 * CONFIG.sft_questions for r in asked)
     # Answered from the scene (the exact caption, not the written description), "Yes" about
-    # half the time; an absent companion of a present kind is a frequent "No" (POPE's adversarial).
+    # half the time.
     exact = _exact_captions(out, "train")
-    answers, companion_noes = [], 0
+    answers = []
     for r in asked:
         present = {m.object for m in find_objects(exact[r["image"]])}
         for question, answer in zip(r["conversations"][0::2], r["conversations"][1::2]):
             kind = re.search(r"Is there a (\w+) in the image", question["value"]).group(1)
             assert answer["value"] == ("Yes" if kind in present else "No")
             answers.append(answer["value"])
-            companion_noes += kind not in present and COMPANION[kind] in present
     assert 0.45 < answers.count("Yes") / len(answers) < 0.55
-    assert 0.2 < companion_noes / answers.count("No") < 0.5
     pref, _ = read_llava_records(out / "pref.json")
     assert len(pref) == CONFIG.pref and all(len(r["conversations"]) == 2 for r in pref)
+
+
+def _companion_share_of_noes(out):
+    """Of the "No" questions on images where a present kind's companion is absent, the share
+    that asks about that companion (POPE's adversarial negative)."""
+    exact = _exact_captions(out, "train")
+    noes = companions = 0
+    for r in read_llava_records(out / "sft.json")[0]:
+        present = {m.object for m in find_objects(exact[r["image"]])}
+        missing = {COMPANION[k] for k in present} - present
+        if not r["id"].endswith("-qa") or not missing:
+            continue
+        for question in r["conversations"][0::2]:
+            kind = re.search(r"Is there a (\w+) in the image", question["value"]).group(1)
+            if kind not in present:
+                noes += 1
+                companions += kind in missing
+    return companions / noes
+
+
+def test_absent_questions_ask_the_missing_companion_as_configured(world, tmp_path):
+    out, _ = world
+    # The default: wherever a companion is missing, every "No" question is about it, so the
+    # yes/no answer must come from the image exactly where the language prior says "Yes".
+    assert CONFIG.absent_companion_share == 1.0 and _companion_share_of_noes(out) == 1.0
+    make_world(tmp_path, WorldConfig(seed=3, train=1500, pref=2, test=2, test_iid=2, absent_companion_share=0.5))
+    # Half the draws, plus the other half's random absent kind when it happens to be the companion.
+    assert 0.5 < _companion_share_of_noes(tmp_path) < 0.7
+    with pytest.raises(ValueError, match="absent_companion_share"):
+        make_world(tmp_path / "bad", WorldConfig(absent_companion_share=1.5))
 
 
 def test_questions_about_every_present_kind_are_balanced(tmp_path):
