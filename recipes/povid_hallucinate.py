@@ -36,44 +36,38 @@ Run::
 when the run stopped before every record was done (budget spent, endpoint failing).
 """
 
-import asyncio
 import json
-import os
 import random
 import re
 import sys
-import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
-import openai
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from povid.config import parse
 from povid_data.hallucinate import (
     DEFAULT_REFUSAL_PATTERNS,
     Outcome,
-    Usage,
     ValidationRules,
     check_rewrite,
     preference_record,
     reject_record,
 )
-from povid_data.hallucinate_openai import (
-    FatalAPIError,
-    OpenAIHallucinator,
-    PromptTemplates,
-    RequestBudget,
-    RetryPolicy,
-)
+from povid_data.hallucinate_openai import OpenAIHallucinator, PromptTemplates
 from povid_data.hallucinate_rules import CooccurrenceTable, ObjectVocabulary, RulesHallucinator
 from povid_data.hallucinate_scene import DEFAULT_WEIGHTS, SceneInjector
-from povid_data.jsonl import ResumableJsonlWriter
+from povid_data.openai_client import (
+    ChatClient,
+    FatalAPIError,
+    RequestBudget,
+    RetryPolicy,
+    api_key_from_env,
+    async_openai_client,
+)
 from povid_data.records import CHOSEN, question_and_answer, read_llava_records, resolve_image
 from povid_data.synthetic_world import KINDS as WORLD_KINDS
+from povid_data.record_run import RecordRun, RunSummary, move_rejects_aside
 from povid_data.synthetic_world import CaptionParseError, parse_caption
 
 # Name the offline backends in povid_meta; bump when they change what they produce
@@ -88,19 +82,6 @@ def _turn_text(turn: Dict[str, Any]) -> str:
     return str(turn.get("value", turn.get("content", "")))
 
 
-@dataclass
-class Summary:
-    """What a run did."""
-
-    written: int = 0
-    rejected: int = 0
-    skipped: int = 0
-    pending: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    usage: Usage = field(default_factory=Usage)
-    stop_reason: Optional[str] = None
-
-
 class HallucinateRecipe:
     """Reads the records, builds the backend, rewrites every pending record, writes results."""
 
@@ -109,7 +90,7 @@ class HallucinateRecipe:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {cfg.backend!r}")
         self.cfg = cfg
         self.backend = cfg.backend
-        self.summary = Summary()
+        self.summary = RunSummary()
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -182,14 +163,7 @@ class HallucinateRecipe:
             self.images = {str(r["id"]): resolve_image(r, self.image_dir, self.source) for r in self.records}
         else:
             self.images = {}
-        self.api_key = "EMPTY"  # servers without authentication (a local vLLM) accept anything
-        if client.api_key_env:
-            self.api_key = os.environ.get(client.api_key_env, "")
-            if not self.api_key and not cfg.dry_run:
-                raise ValueError(
-                    f"client.api_key_env: environment variable {client.api_key_env} is not set "
-                    "(set it, or client.api_key_env=null for a server without authentication)"
-                )
+        self.api_key = api_key_from_env(client.api_key_env, required=not cfg.dry_run)
         # Unset (null) parameters are left out: the server's defaults apply.
         params = {k: v for k, v in {"max_tokens": client.max_tokens, "temperature": client.temperature}.items()
                   if v is not None}  # fmt: skip
@@ -214,92 +188,52 @@ class HallucinateRecipe:
 
     # ---- run --------------------------------------------------------------------------------
 
-    def run(self) -> Summary:
+    def run(self) -> RunSummary:
         """Rewrite every pending record; print a summary. Returns it."""
         if self.cfg.dry_run:
             self._dry_run()
             return self.summary
         cfg = self.cfg
         if cfg.retry_rejects and Path(cfg.rejects_file).exists():
-            self._move_rejects_aside(Path(cfg.rejects_file))
-        self.out = ResumableJsonlWriter(cfg.output_file)
-        self.rejects = ResumableJsonlWriter(cfg.rejects_file)
-        done = self.out.done | self.rejects.done
-        todo = [r for r in self.records if str(r["id"]) not in done]
-        self.summary.skipped = len(self.records) - len(todo)
-        self._buffers: Dict[str, List[Dict[str, Any]]] = {"out": [], "rejects": []}
-        self._last_flush = time.monotonic()
-        self.bar = tqdm(total=len(self.records), initial=self.summary.skipped, desc=f"hallucinate[{self.backend}]")
-        try:
-            asyncio.run(self._process(todo))
-        finally:
-            # Whatever ended the run (done, stopped, an exception), finished work reaches disk.
-            self._flush()
-            self.bar.close()
-        self.summary.pending = len(self.records) - self.summary.skipped - self.summary.written - self.summary.rejected
+            aside = move_rejects_aside(Path(cfg.rejects_file))
+            print(f"retry_rejects: moved {cfg.rejects_file} to {aside}; its ids are tried again")
+        self.run_files = RecordRun(
+            cfg.output_file, cfg.rejects_file,
+            make_output=lambda record, outcome: preference_record(record, outcome.text, self._stage_meta(outcome)),
+            make_reject=lambda record, outcome: reject_record(record, outcome, self._stage_meta(outcome)),
+            desc=f"hallucinate[{self.backend}]", flush_every=cfg.flush_every, flush_seconds=cfg.flush_seconds,
+        )  # fmt: skip
+        todo = self.run_files.pending(self.records)
+        if self.backend == "openai":
+            self.summary = self._run_openai(todo)
+        else:
+            self.summary = self.run_files.run_concurrent(todo, self._offline_outcome_of, concurrency=1)
         self._print_summary()
         return self.summary
 
-    @staticmethod
-    def _move_rejects_aside(path: Path) -> None:
-        """Rename the rejects file (never over an older one) so that its ids are pending again."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside, n = path.with_suffix(f".{stamp}.jsonl"), 1
-        while aside.exists():
-            aside, n = path.with_suffix(f".{stamp}-{n}.jsonl"), n + 1
-        path.rename(aside)
-        print(f"retry_rejects: moved {path} to {aside}; its ids are tried again")
+    def _run_openai(self, todo) -> RunSummary:
+        chat = ChatClient(
+            async_openai_client(self.cfg.client.base_url, self.api_key, self.cfg.client.timeout),
+            retry=self.retry, budget=self.budget, rng=random.Random(self.cfg.seed),
+        )  # fmt: skip
+        hallucinator = self._hallucinator(chat)
 
-    async def _process(self, todo: List[Dict[str, Any]]) -> None:
-        """Run ``concurrency`` workers over ``todo``; each record is taken by exactly one."""
-        if self.backend == "openai":
-            client = openai.AsyncOpenAI(
-                api_key=self.api_key,
-                base_url=self.cfg.client.base_url or None,
-                timeout=self.cfg.client.timeout,
-                max_retries=0,  # our retries: they count against the budget and share Retry-After
-            )
-            self.hallucinator = OpenAIHallucinator(
-                client,
-                model=self.cfg.client.model,
-                prompts=self.prompts,
-                validation=self.validation,
-                retry=self.retry,
-                budget=self.budget,
-                send_image=self.cfg.client.send_image,
-                image_detail=self.cfg.client.image_detail,
-                request_params=self.request_params,
-                rng=random.Random(self.cfg.seed),
-            )
-        pending = iter(todo)
+        async def rewrite(record: Dict[str, Any]) -> Outcome:
+            question, answer = question_and_answer(record)
+            return await hallucinator.rewrite(question, answer, self.images.get(str(record["id"])))
 
-        async def worker() -> None:
-            for record in pending:
-                if self.summary.stop_reason:
-                    return  # the record taken stays pending for a rerun
-                outcome = await self._outcome(record)
-                self._collect(record, outcome)
+        return self.run_files.run_concurrent(todo, rewrite, concurrency=self.cfg.concurrency, close=chat.close)
 
-        workers = [asyncio.ensure_future(worker()) for _ in range(max(1, self.cfg.concurrency))]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            if self.backend == "openai":
-                await client.close()
+    def _hallucinator(self, chat: Optional[ChatClient]) -> OpenAIHallucinator:
+        client = self.cfg.client
+        return OpenAIHallucinator(
+            chat, model=client.model, prompts=self.prompts, validation=self.validation,
+            send_image=client.send_image, image_detail=client.image_detail, request_params=self.request_params,
+        )  # fmt: skip
 
-    async def _outcome(self, record: Dict[str, Any]) -> Outcome:
-        question, answer = question_and_answer(record)
-        if self.backend == "rules":
-            return self._rules_outcome(record, answer)
-        if self.backend == "world":
-            return self._world_outcome(record, answer)
-        outcome = await self.hallucinator.rewrite(question, answer, self.images.get(str(record["id"])))
-        if outcome.status == "stopped":
-            self.summary.stop_reason = outcome.reason
-        return outcome
+    async def _offline_outcome_of(self, record: Dict[str, Any]) -> Outcome:
+        _, answer = question_and_answer(record)
+        return self._rules_outcome(record, answer) if self.backend == "rules" else self._world_outcome(record, answer)
 
     def _rules_outcome(self, record: Dict[str, Any], answer: str) -> Outcome:
         # Everything in the conversation but the answer being rewritten: injected objects must
@@ -338,51 +272,16 @@ class HallucinateRecipe:
             meta["usage"] = outcome.usage.as_dict()
         return meta
 
-    def _collect(self, record: Dict[str, Any], outcome: Outcome) -> None:
-        """Buffer one outcome; flush the buffers when they are big or old enough."""
-        self.summary.usage.add(outcome.usage)
-        if outcome.status == "stopped":
-            return
-        if outcome.status == "ok":
-            self._buffers["out"].append(preference_record(record, outcome.text, self._stage_meta(outcome)))
-            self.summary.written += 1
-        else:
-            self._buffers["rejects"].append(reject_record(record, outcome, self._stage_meta(outcome)))
-            self.summary.rejected += 1
-            self.summary.reasons[outcome.reason] += 1
-            self.bar.set_postfix(rejected=self.summary.rejected)
-        self.bar.update(1)
-        buffered = len(self._buffers["out"]) + len(self._buffers["rejects"])
-        if buffered >= self.cfg.flush_every or time.monotonic() - self._last_flush >= self.cfg.flush_seconds:
-            self._flush()
-
-    def _flush(self) -> None:
-        self.out.write(self._buffers["out"])
-        self.rejects.write(self._buffers["rejects"])
-        self._buffers = {"out": [], "rejects": []}
-        self._last_flush = time.monotonic()
-
     # ---- reporting --------------------------------------------------------------------------
 
     def _print_summary(self) -> None:
         s, cfg = self.summary, self.cfg
-        reasons = ", ".join(f"{k}: {v}" for k, v in s.reasons.most_common())
-        print(
-            f"povid_hallucinate: {s.written} written, {s.rejected} rejected"
-            + (f" ({reasons})" if reasons else "")
-            + f", {s.skipped} skipped as already done, {s.pending} pending"
-        )
-        print(f"  output: {cfg.output_file}\n  rejects: {cfg.rejects_file}")
+        lines = s.lines("povid_hallucinate", cfg.output_file, cfg.rejects_file)
         if self.backend == "openai":
-            u = s.usage
-            cost = u.cost(cfg.pricing.input_per_1m, cfg.pricing.output_per_1m)
-            print(
-                f"  requests: {u.requests}, tokens: {u.prompt_tokens} prompt + {u.completion_tokens} "
-                f"completion, estimated cost: {cost:.4f} {cfg.pricing.currency} (at "
-                f"{cfg.pricing.input_per_1m} / {cfg.pricing.output_per_1m} per 1M input / output tokens)"
-            )
-        if s.stop_reason:
-            print(f"  stopped early: {s.stop_reason}. A rerun resumes with the {s.pending} pending records.")
+            cost = s.usage.cost(cfg.pricing.input_per_1m, cfg.pricing.output_per_1m)
+            lines.insert(3, f"  estimated cost: {cost:.4f} {cfg.pricing.currency} (at {cfg.pricing.input_per_1m} / "
+                            f"{cfg.pricing.output_per_1m} per 1M input / output tokens)")  # fmt: skip
+        print("\n".join(lines))
 
     def _dry_run(self) -> None:
         """Print what the first records would give, send nothing, write nothing."""
@@ -394,22 +293,16 @@ class HallucinateRecipe:
                 shown: Dict[str, Any] = {"id": record["id"], "status": outcome.status, "reason": outcome.reason,
                                          "rewrite": outcome.text, "edits": outcome.meta.get("edits")}
             else:
-                hallucinator = OpenAIHallucinator(
-                    None, model=self.cfg.client.model, prompts=self.prompts, validation=self.validation,
-                    retry=self.retry, budget=self.budget, send_image=self.cfg.client.send_image,
-                    image_detail=self.cfg.client.image_detail, request_params=self.request_params,
-                )  # fmt: skip
-                request = hallucinator.request(question, answer, self.images.get(str(record["id"])))
+                request = self._hallucinator(None).request(question, answer, self.images.get(str(record["id"])))
                 shown = {"id": record["id"], "base_url": self.cfg.client.base_url, "request": _shorten_data_urls(request)}
             print(json.dumps(shown, indent=2, ensure_ascii=False))
         print(f"dry_run: showed {len(first)} of {len(self.records)} records; nothing sent or written.")
 
     def cleanup(self) -> None:
         """Close the output files."""
-        for name in ("out", "rejects"):
-            writer = getattr(self, name, None)
-            if writer is not None:
-                writer.close()
+        run_files = getattr(self, "run_files", None)
+        if run_files is not None:
+            run_files.close()
 
 
 def _plain(node: Any) -> Any:

@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 import povid_hallucinate
-from povid_data.hallucinate_openai import RetryPolicy, looks_like_reasoning, retry_after_seconds
+from povid_data.hallucinate_openai import looks_like_reasoning
+from povid_data.openai_client import RetryPolicy, retry_after_seconds
 
 KEY_ENV = "POVID_TEST_OPENAI_KEY"
 SLOW_SECONDS = 1.5  # a "slow" answer; the client timeout in these tests is 0.5 s
