@@ -21,7 +21,15 @@ from povid.generation import SamplingParams, generate, quantize_for_inference
 from povid_data.tokenizer import LlavaTokenizer
 from povid_data.transforms import IMAGE_TOKEN, LlavaImageTransform, LlavaMessageTransform
 
-__all__ = ["LlavaAnswerer", "question_turns", "read_answer_requests", "answer_requests", "answer_requests_file"]
+__all__ = [
+    "LlavaAnswerer",
+    "OpenAIAnswerer",
+    "openai_messages",
+    "question_turns",
+    "read_answer_requests",
+    "answer_requests",
+    "answer_requests_file",
+]
 
 Messages = Sequence[Mapping[str, Any]]
 
@@ -159,6 +167,97 @@ class LlavaAnswerer:
         return [self.tokenizer.decode(ids).strip() for ids in outputs]
 
 
+# --------------------------------------------------------------- the same, from a server
+
+
+def openai_messages(turns: Messages, image_url: str) -> List[dict]:
+    """LLaVA turns (``from``/``value`` or ``role``/``content``, one ``<image>`` marker) as
+    OpenAI chat messages: the image part first in the first user message, the marker removed.
+    No system message: the server's chat template supplies the model's own (see README)."""
+    messages, seen_image = [], False
+    for turn in turns:
+        speaker = turn.get("from", turn.get("role"))
+        text = str(turn.get("value", turn.get("content", "")))
+        role = "user" if speaker in ("human", "user") else "assistant"
+        if role == "user" and not seen_image:
+            seen_image = True
+            content: Any = [
+                {"type": "image_url", "image_url": {"url": image_url}},
+                {"type": "text", "text": text.replace(IMAGE_TOKEN, "").strip()},
+            ]
+        else:
+            content = text.replace(IMAGE_TOKEN, "").strip()
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+class OpenAIAnswerer:
+    """Answers one-image conversations through an OpenAI-compatible server (vLLM, SGLang, ...),
+    the ``backend: openai`` of ``povid_generate``, ``povid_distort`` and ``povid_eval``.
+
+    Args:
+        chat: the run's :class:`povid_data.openai_client.ChatClient`.
+        model: the served model's name.
+        request_params: decoding fields of the request (``max_tokens``, ``temperature``,
+            ``top_p``, ``seed``, ``extra_body``).
+        refusal: a predicate for answers that are refusals (retried, then rejected).
+    """
+
+    def __init__(self, chat: Any, *, model: str, request_params: Mapping[str, Any], refusal: Any = None) -> None:
+        self.chat = chat
+        self.model = model
+        self.request_params = dict(request_params)
+        self.refusal = refusal
+
+    @staticmethod
+    def request_params_from_config(cfg: Any, *, greedy: bool = False) -> dict:
+        """The decoding keys of a generating recipe's config as request fields: ``max_tokens``
+        from ``max_new_tokens``; temperature 0 (greedy) unless sampling; ``top_p``; ``seed``
+        when ``client.send_seed``; ``client.extra_body`` (e.g. vLLM's ``top_k``). A config
+        ``top_k`` goes into ``extra_body`` (OpenAI's API has no such field; vLLM takes it)."""
+        from omegaconf import OmegaConf
+
+        client = cfg.client
+        params: dict = {"max_tokens": int(cfg.max_new_tokens)}
+        params["temperature"] = 0.0 if greedy else float(cfg.temperature)
+        if not greedy and cfg.top_p is not None and float(cfg.top_p) < 1.0:
+            params["top_p"] = float(cfg.top_p)
+        if client.get("send_seed", True) and cfg.get("seed") is not None:
+            params["seed"] = int(cfg.seed)
+        extra = OmegaConf.to_container(client.extra_body, resolve=True) if client.get("extra_body") else {}
+        if not greedy and cfg.get("top_k") is not None:
+            extra = {"top_k": int(cfg.top_k), **extra}
+        if extra:
+            params["extra_body"] = extra
+        return params
+
+    def request(self, turns: Messages, image: PIL.Image.Image) -> dict:
+        """The keyword arguments of ``chat.completions.create`` for one conversation; the image
+        is sent as PNG (lossless: the server sees exactly these pixels)."""
+        from povid_data.openai_client import image_data_url
+
+        return {"model": self.model, "messages": openai_messages(turns, image_data_url(image)), **self.request_params}
+
+    def judge(self, response: Any) -> tuple:
+        """(reason the reply is unusable or None, its text). A reply cut at ``max_tokens`` is
+        an answer, as the local backend's is at ``max_new_tokens``."""
+        if not response.choices:
+            return "empty", None
+        choice = response.choices[0]
+        text = (choice.message.content or "").strip()
+        if choice.finish_reason == "content_filter":
+            return "content_filter", text
+        if not text:
+            return "empty", text
+        if self.refusal is not None and self.refusal(text):
+            return "refusal", text
+        return None, text
+
+    async def answer(self, turns: Messages, image: PIL.Image.Image) -> Any:
+        """The outcome (:class:`povid_data.hallucinate.Outcome`) of one conversation."""
+        return await self.chat.complete(self.request(turns, image), self.judge)
+
+
 # --------------------------------------------------------------- a file of answer requests
 
 
@@ -230,3 +329,66 @@ def answer_requests_file(
                 bar.update(len(batch))
     log.info(f"Wrote {out_path}")
     return out_path
+
+
+def answer_records_via_server(
+    cfg: Any,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    prepare: Any,
+    make_output: Any,
+    desc: str,
+    greedy: bool = False,
+) -> Any:
+    """Answer ``records`` through the server of ``cfg`` (``backend: openai``), concurrently,
+    into ``cfg.output_file`` and ``cfg.rejects_file``, resumable by id (see
+    :class:`povid_data.record_run.RecordRun`).
+
+    Args:
+        cfg: the recipe config (``client``, ``retry``, ``concurrency``, ``max_requests``,
+            ``flush_every``, ``flush_seconds``, decoding keys, ``output_file``, ``rejects_file``).
+        records: the requests, each with an ``id``.
+        prepare: ``record -> (turns, PIL image)``: what to ask about which image.
+        make_output: ``(record, answer, meta) -> output line``; ``meta`` holds ``backend``,
+            ``model`` (as the server named it) and ``base_url``.
+        desc: the progress bar's label.
+        greedy: decode greedily whatever the config says (an evaluation protocol).
+
+    Returns:
+        The run's :class:`povid_data.record_run.RunSummary` (printed too).
+    """
+    from povid_data.hallucinate import DEFAULT_REFUSAL_PATTERNS, ValidationRules
+    from povid_data.openai_client import chat_client_from_config
+    from povid_data.record_run import RecordRun
+
+    chat = chat_client_from_config(cfg)
+    patterns = cfg.get("refusal_patterns")
+    rules = ValidationRules(refusal_patterns=list(patterns if patterns is not None else DEFAULT_REFUSAL_PATTERNS))
+    answerer = OpenAIAnswerer(
+        chat, model=cfg.client.model, request_params=OpenAIAnswerer.request_params_from_config(cfg, greedy=greedy),
+        refusal=rules.is_refusal if cfg.get("reject_refusals", True) else None,
+    )  # fmt: skip
+
+    def meta(outcome: Any) -> dict:
+        return {"backend": "openai", "model": outcome.meta.get("model", cfg.client.model),
+                "base_url": cfg.client.base_url}  # fmt: skip
+
+    run = RecordRun(
+        cfg.output_file, cfg.rejects_file,
+        make_output=lambda record, outcome: make_output(record, outcome.text, meta(outcome)),
+        make_reject=lambda record, outcome: {"id": record["id"], "reason": outcome.reason, "detail": outcome.detail,
+                                             "attempts": outcome.attempts, **meta(outcome)},
+        desc=desc, flush_every=cfg.get("flush_every", 32), flush_seconds=cfg.get("flush_seconds", 10.0),
+    )  # fmt: skip
+    try:
+        todo = run.pending(records)
+
+        async def handle(record: Mapping[str, Any]) -> Any:
+            turns, image = prepare(record)
+            return await answerer.answer(turns, image)
+
+        summary = run.run_concurrent(todo, handle, concurrency=cfg.get("concurrency", 8), close=chat.close)
+    finally:
+        run.close()
+    print("\n".join(summary.lines(desc, cfg.output_file, cfg.rejects_file)))
+    return summary

@@ -51,6 +51,7 @@ __all__ = [
     "RetryPolicy",
     "api_key_from_env",
     "async_openai_client",
+    "chat_client_from_config",
     "image_data_url",
     "png_bytes",
     "retry_after_seconds",
@@ -178,6 +179,25 @@ def async_openai_client(base_url: Optional[str], api_key: str, timeout: float) -
     against the budget and share ``Retry-After``). ``base_url`` None: OpenAI's (or
     ``$OPENAI_BASE_URL``)."""
     return openai.AsyncOpenAI(api_key=api_key, base_url=base_url or None, timeout=timeout, max_retries=0)
+
+
+def chat_client_from_config(cfg: Any, *, dry_run: bool = False) -> "ChatClient":
+    """The :class:`ChatClient` of a recipe config: ``client.base_url``, ``client.api_key_env``,
+    ``client.timeout``, ``retry.*``, ``max_requests`` and ``seed`` (jitter)."""
+    client = cfg.client
+    retry = RetryPolicy(
+        max_attempts=cfg.retry.max_attempts,
+        backoff_base=cfg.retry.backoff_base,
+        backoff_max=cfg.retry.backoff_max,
+        max_retry_after=cfg.retry.max_retry_after,
+    )
+    api_key = api_key_from_env(client.api_key_env, required=not dry_run)
+    return ChatClient(
+        None if dry_run else async_openai_client(client.base_url, api_key, client.timeout),
+        retry=retry,
+        budget=RequestBudget(cfg.get("max_requests")),
+        rng=random.Random(cfg.get("seed")),
+    )
 
 
 class ChatClient:
