@@ -335,19 +335,22 @@ def answer_records_via_server(
     cfg: Any,
     records: Sequence[Mapping[str, Any]],
     *,
+    output_file: str | Path,
+    rejects_file: str | Path,
     prepare: Any,
     make_output: Any,
     desc: str,
     greedy: bool = False,
 ) -> Any:
     """Answer ``records`` through the server of ``cfg`` (``backend: openai``), concurrently,
-    into ``cfg.output_file`` and ``cfg.rejects_file``, resumable by id (see
+    into ``output_file`` and ``rejects_file``, resumable by id (see
     :class:`povid_data.record_run.RecordRun`).
 
     Args:
         cfg: the recipe config (``client``, ``retry``, ``concurrency``, ``max_requests``,
-            ``flush_every``, ``flush_seconds``, decoding keys, ``output_file``, ``rejects_file``).
+            ``flush_every``, ``flush_seconds``, decoding keys).
         records: the requests, each with an ``id``.
+        output_file, rejects_file: where answers and records that failed for good go.
         prepare: ``record -> (turns, PIL image)``: what to ask about which image.
         make_output: ``(record, answer, meta) -> output line``; ``meta`` holds ``backend``,
             ``model`` (as the server named it) and ``base_url``.
@@ -374,7 +377,7 @@ def answer_records_via_server(
                 "base_url": cfg.client.base_url}  # fmt: skip
 
     run = RecordRun(
-        cfg.output_file, cfg.rejects_file,
+        output_file, rejects_file,
         make_output=lambda record, outcome: make_output(record, outcome.text, meta(outcome)),
         make_reject=lambda record, outcome: {"id": record["id"], "reason": outcome.reason, "detail": outcome.detail,
                                              "attempts": outcome.attempts, **meta(outcome)},
@@ -390,5 +393,5 @@ def answer_records_via_server(
         summary = run.run_concurrent(todo, handle, concurrency=cfg.get("concurrency", 8), close=chat.close)
     finally:
         run.close()
-    print("\n".join(summary.lines(desc, cfg.output_file, cfg.rejects_file)))
+    print("\n".join(summary.lines(desc, output_file, rejects_file)))
     return summary

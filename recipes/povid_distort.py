@@ -18,6 +18,11 @@ For every record of a preference file (stage-1 output) or of plain LLaVA instruc
 
 ``save_images=true`` also writes each distorted image to ``${distorted_dir}/<id>.png``.
 
+``backend=openai`` asks an OpenAI-compatible server (vLLM, SGLang) instead of loading the
+checkpoint: the same distorted image (same seed, noise, overflow), sent as PNG, with the same
+question; records that fail for good go to ``${output_dir}/rejects.jsonl``;
+``povid_meta["stage2"]`` also names ``backend``, ``model`` and ``base_url``.
+
 Run::
 
     tune run povid_distort --config povid_distort checkpoint_dir=DIR \\
@@ -28,15 +33,15 @@ import hashlib
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import PIL.Image
 from omegaconf import DictConfig
 from torchtune import utils
 from tqdm import tqdm
 
-from povid.answering import LlavaAnswerer
-from povid.config import parse
+from povid.answering import LlavaAnswerer, answer_records_via_server
+from povid.config import check_choice, parse
 from povid_data.distort import OVERFLOW_MODES, distort_image, noise_coefficients, noise_seed
 from povid_data.jsonl import ResumableJsonlWriter
 from povid_data.records import CHOSEN, NOISE, read_llava_records, resolve_image, with_answer
@@ -72,13 +77,14 @@ class DistortRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
+        self.backend = check_choice(cfg, "backend", ("local", "openai"))
         if cfg.overflow not in OVERFLOW_MODES:
             raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_MODES)}; got {cfg.overflow!r}")
         noise_coefficients(cfg.noise_step)  # a bad step fails now, not after loading the model
         self.image_dir = Path(cfg.image_dir) if cfg.image_dir else Path(str(cfg.data_file)).parent
         # What povid_meta["stage2"] records: enough to remake every distorted image and answer.
         self.meta = {
-            "checkpoint": str(cfg.checkpoint_dir),
+            "checkpoint": str(cfg.checkpoint_dir) if self.backend == "local" else None,
             "step": int(cfg.noise_step),
             "seed": int(cfg.seed),
             "overflow": str(cfg.overflow),
@@ -90,8 +96,8 @@ class DistortRecipe:
         }
 
     def setup(self) -> None:
-        """Load model, tokenizer and transforms."""
-        self.answerer = LlavaAnswerer.from_config(self.cfg)
+        """Load model, tokenizer and transforms (nothing to load for a server)."""
+        self.answerer = LlavaAnswerer.from_config(self.cfg) if self.backend == "local" else None
 
     def image_path(self, record: Dict[str, Any], source: str) -> Path:
         """The record's image file; an error naming file, id and field if absent."""
@@ -121,25 +127,26 @@ class DistortRecipe:
         images = [self.distorted_image(record, source) for record in batch]
         wheres = [f"{source}: record id={record['id']!r}: field {CHOSEN!r}" for record in batch]
         answers = self.answerer.answer([prompt_turns(r) for r in batch], images, wheres)
-        outputs = []
-        for record, answer in zip(batch, answers):
-            out = dict(record)
-            meta = dict(record.get("povid_meta") or {})
-            meta["stage2"] = dict(self.meta)
-            if answer:
-                out[NOISE] = with_answer(record, answer)
-            else:
-                # An empty answer (EOS first) is no response: a record with an empty gpt turn
-                # would fail validation downstream. Keep the record, without the noise branch.
-                out.pop(NOISE, None)
-                meta["stage2"]["skipped"] = "empty answer"
-                log.warning(
-                    f"{source}: record id={record['id']!r}: empty answer on the distorted "
-                    f"image; no {NOISE}"
-                )
-            out["povid_meta"] = meta
-            outputs.append(out)
-        return outputs, images
+        return [self.output_record(record, answer, source) for record, answer in zip(batch, answers)], images
+
+    def output_record(
+        self, record: Dict[str, Any], answer: str, source: str, backend: Optional[Dict[str, Any]] = None
+    ) -> Dict[str, Any]:
+        """The record plus its noise conversation and ``povid_meta["stage2"]`` (with
+        ``backend``'s fields: backend, model, base_url for a server)."""
+        out = dict(record)
+        meta = dict(record.get("povid_meta") or {})
+        meta["stage2"] = {**self.meta, **(backend or {})}
+        if answer:
+            out[NOISE] = with_answer(record, answer)
+        else:
+            # An empty answer (EOS first) is no response: a record with an empty gpt turn
+            # would fail validation downstream. Keep the record, without the noise branch.
+            out.pop(NOISE, None)
+            meta["stage2"]["skipped"] = "empty answer"
+            log.warning(f"{source}: record id={record['id']!r}: empty answer on the distorted image; no {NOISE}")
+        out["povid_meta"] = meta
+        return out
 
     def run(self) -> Path:
         """Distort and answer every record not yet in ``output_file``. Returns the output path."""
@@ -151,6 +158,8 @@ class DistortRecipe:
         image_out = Path(cfg.distorted_dir) if cfg.save_images else None
         if image_out is not None:
             image_out.mkdir(parents=True, exist_ok=True)
+        if self.backend == "openai":
+            return self._run_on_server(records, source, image_out)
         with ResumableJsonlWriter(out_path) as writer:
             todo = list(writer.pending(records))
             if len(todo) < len(records):
@@ -170,9 +179,27 @@ class DistortRecipe:
         log.info(f"Wrote {out_path}")
         return out_path
 
+    def _run_on_server(self, records: List[Dict[str, Any]], source: str, image_out) -> Path:
+        for record in records:  # a missing image stops the run before any request
+            self.image_path(record, source)
+
+        def prepare(record: Dict[str, Any]):
+            image = self.distorted_image(record, source)
+            if image_out is not None:  # before the request: a record in the output has its image
+                image.save(image_out / image_file_name(record["id"]))
+            return prompt_turns(record), image
+
+        answer_records_via_server(
+            self.cfg, records, output_file=self.cfg.output_file, rejects_file=self.cfg.rejects_file,
+            desc="povid_distort", prepare=prepare,
+            make_output=lambda record, answer, backend: self.output_record(record, answer, source, backend),
+            greedy=False,
+        )  # fmt: skip
+        return Path(self.cfg.output_file)
+
     def cleanup(self) -> None:
         """Free the model."""
-        del self.answerer
+        self.answerer = None
 
 
 @parse

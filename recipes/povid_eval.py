@@ -38,8 +38,14 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, ListConfig
 from torchtune import utils
 
-from povid.answering import LlavaAnswerer, answer_requests_file, read_answer_requests
-from povid.config import parse
+from povid.answering import (
+    LlavaAnswerer,
+    answer_records_via_server,
+    answer_requests_file,
+    question_turns,
+    read_answer_requests,
+)
+from povid.config import check_choice, parse
 from povid.metrics.chair import DEFAULT_CHAIR_MODE, check_chair_mode, evaluate_chair, read_captions
 from povid.metrics.coco import CocoAnnotations, load_coco
 from povid.metrics.pope import (
@@ -60,6 +66,7 @@ log = utils.get_logger("INFO")
 GENERATIONS_FILE = "generations.jsonl"
 REQUESTS_FILE = "requests.jsonl"
 PROTOCOL_FILE = "generation_protocol.json"
+REJECTS_FILE = "rejects.jsonl"
 
 
 def _fingerprint(items: Any) -> str:
@@ -115,8 +122,10 @@ class EvalRecipe:
             # Checked before any generation: a typo must not cost a 500-caption run.
             self.chair_mode = check_chair_mode(_chair_mode(cfg))
         self.generating = not given
+        self.backend = check_choice(cfg, "backend", ("local", "openai"))
         if self.generating:
-            missing = [key for key in ("checkpoint_dir", "image_dir") if not cfg.get(key)]
+            needed = ("checkpoint_dir", "image_dir") if self.backend == "local" else ("image_dir",)
+            missing = [key for key in needed if not cfg.get(key)]
             if missing:
                 raise ValueError(
                     f"generating needs {' and '.join(f'{k}=' for k in missing)}; to score existing "
@@ -245,6 +254,8 @@ class EvalRecipe:
     def _name(self) -> str:
         if self.cfg.get("run_name"):
             return str(self.cfg.run_name)
+        if self.generating and self.backend == "openai":
+            return str(self.cfg.client.model).rstrip("/").rsplit("/", 1)[-1]
         if self.generating:
             return Path(str(self.cfg.checkpoint_dir)).name
         return Path(str(self._existing_outputs())).stem
@@ -254,6 +265,11 @@ class EvalRecipe:
         cfg = self.cfg
         if not self.generating:
             return {"generated": False}
+        if self.backend == "openai":
+            # What a server decides: its model and template; the prompt and length are ours.
+            return {"generated": True, "backend": "openai", "model": cfg.client.model,
+                    "base_url": cfg.client.base_url, "prompt": cfg.prompt, "max_new_tokens": cfg.max_new_tokens,
+                    "decoding": "greedy"}  # fmt: skip
         return {
             "generated": True,
             "checkpoint_dir": str(Path(cfg.checkpoint_dir).absolute()),
@@ -292,7 +308,9 @@ class EvalRecipe:
         _write_jsonl(requests, data_file)
         with ResumableJsonlWriter(output_file) as writer:  # also drops a line cut by a crash
             pending = sum(1 for _ in writer.pending(requests))
-        if pending:
+        if pending and self.backend == "openai":
+            self._generate_on_server(read_answer_requests(data_file, self.cfg.image_dir), output_file)
+        elif pending:
             log.info(f"Generating {pending} of {len(requests)} answers into {output_file}")
             # The protocol is greedy decoding: the eval configs have no sampling keys.
             answerer = LlavaAnswerer.from_config(self.cfg, greedy=True)
@@ -302,6 +320,14 @@ class EvalRecipe:
         else:
             log.info(f"All {len(requests)} answers already in {output_file}")
         rows = {str(r["id"]): r for r in read_records(output_file)}
+        unanswered = [str(r["id"]) for r in requests if str(r["id"]) not in rows]
+        if unanswered:
+            # A score over the answered items only would not be the benchmark's.
+            raise RuntimeError(
+                f"{len(unanswered)} of {len(requests)} items have no answer (first: {unanswered[:5]}); "
+                f"see {self.output_dir / REJECTS_FILE} for the reasons. Rerun to resume (retry_rejects=true "
+                "tries the rejected ones again)"
+            )
         responses = {}
         for request in requests:
             row = rows[str(request["id"])]
@@ -312,6 +338,21 @@ class EvalRecipe:
                 )
             responses[str(request["id"])] = row["response"]
         return responses
+
+    def _generate_on_server(self, requests: List[Dict[str, Any]], output_file: Path) -> None:
+        from povid_data.record_run import move_rejects_aside
+        from povid_data.transforms import load_image
+
+        rejects = self.output_dir / REJECTS_FILE
+        if self.cfg.get("retry_rejects") and rejects.exists():
+            log.info(f"retry_rejects: moved {rejects} to {move_rejects_aside(rejects)}")
+        answer_records_via_server(
+            self.cfg, requests, output_file=output_file, rejects_file=rejects, desc=f"povid_eval[{self.benchmark}]",
+            prepare=lambda r: (question_turns(r["prompt"]), load_image(r["image"])),
+            make_output=lambda r, text, meta: {"id": r["id"], "image": r["image_ref"], "prompt": r["prompt"],
+                                               "response": text, "meta": meta},
+            greedy=True,
+        )  # fmt: skip
 
     def cleanup(self) -> None:
         """Nothing to free: the generator is released right after generating."""

@@ -71,7 +71,7 @@ class GenerateRecipe:
             for r in requests:  # a missing image stops the run before any request
                 _require_file(r, cfg.data_file)
             answer_records_via_server(
-                cfg, requests, desc="povid_generate",
+                cfg, requests, output_file=cfg.output_file, rejects_file=cfg.rejects_file, desc="povid_generate",
                 prepare=lambda r: (question_turns(r["prompt"]), load_image(r["image"])),
                 make_output=lambda r, text, meta: {"id": r["id"], "image": r["image_ref"], "prompt": r["prompt"],
                                                    "response": text, "meta": meta},

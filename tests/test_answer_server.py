@@ -7,6 +7,7 @@ import json
 import pytest
 from PIL import Image
 
+import povid_distort
 import povid_generate
 from _chat_server import KEY_ENV, FakeChatServer
 
@@ -75,3 +76,78 @@ def test_backend_is_checked_and_the_server_needs_a_file(tmp_path):
         povid_generate.main(["--config", "llava_generate", "checkpoint_dir=x", "backend=vllm", "image=a.png"])
     with pytest.raises(ValueError, match="data_file"):
         povid_generate.main(["--config", "llava_generate", "checkpoint_dir=x", "backend=openai", "image=a.png"])
+
+
+DISTORT_CASES = ["ok", "e500", "rate", "ok", "refuse", "ok", "slow", "ok"]
+
+
+def test_distort_on_a_server_sends_the_local_backends_image_and_trains(
+    server, tmp_path, monkeypatch, preference_data, tiny_checkpoint
+):
+    import povid_dpo
+    from povid_data.distort import distort_image, noise_seed
+    from povid_data.transforms import load_image
+
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    records = [json.loads(line) for line in preference_data.read_text().splitlines()][: len(DISTORT_CASES)]
+    for record, case in zip(records, DISTORT_CASES):
+        record["conversations"][0]["value"] = f"<image>\nDescribe rid={record['id']} case={case} in detail."
+    data = tmp_path / "stage1.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "stage2"
+    povid_distort.main(
+        ["--config", "povid_distort", "checkpoint_dir=unused", f"data_file={data}", f"image_dir={preference_data.parent}",
+         f"output_dir={out}", "backend=openai", "seed=3", "overflow=wrap", "save_images=true", *_client(server)]
+    )  # fmt: skip
+    written, rejects = _lines(out / "preferences.jsonl"), _lines(out / "rejects.jsonl")
+    assert sorted(r["id"] for r in written + rejects) == sorted(r["id"] for r in records)
+    assert [r["reason"] for r in rejects] == ["refusal"]
+    first = next(r for r in written if r["id"] == records[0]["id"])
+    assert first["noise_conversations"][-1]["value"].startswith(f"rid={records[0]['id']} case=ok.")
+    assert first["noise_conversations"][:-1] == first["conversations"][:-1]
+    stage2 = first["povid_meta"]["stage2"]
+    assert (stage2["backend"], stage2["model"], stage2["base_url"]) == ("openai", "fake-4o-0001", server.base_url)
+    assert (stage2["seed"], stage2["overflow"], stage2["step"]) == (3, "wrap", 500)
+
+    # The server got exactly the image the local backend would have answered.
+    body = next(b for b in server.bodies if f"rid={records[0]['id']} " in json.dumps(b))
+    png = base64.b64decode(body["messages"][0]["content"][0]["image_url"]["url"].split(",", 1)[1])
+    local = distort_image(load_image(preference_data.parent / records[0]["image"]), 500,
+                          seed=noise_seed(records[0]["id"], 3), overflow="wrap")  # fmt: skip
+    assert Image.open(io.BytesIO(png)).tobytes() == local.tobytes()
+    assert Image.open(out / "distorted" / f"{records[0]['id']}.png").tobytes() == local.tobytes()
+
+    # ... and its output trains as the local backend's does.
+    povid_dpo.main(
+        ["--config", "povid_tiny_lora", f"checkpoint_dir={tiny_checkpoint}", f"data_file={out / 'preferences.jsonl'}",
+         f"image_dir={preference_data.parent}", f"output_dir={tmp_path / 'dpo'}", "max_steps=2", "batch_size=2",
+         "save_merged=false"]
+    )  # fmt: skip
+    logged = _lines(tmp_path / "dpo" / "metrics.jsonl")
+    assert len(logged) == 2 and all("logps/noise" in row for row in logged)
+
+
+def test_eval_on_a_server_scores_the_servers_answers(server, tmp_path, monkeypatch):
+    import povid_eval
+    from _coco import file_name, write_coco
+
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    images = {21: (["dog", "chair"], ["A dog on a chair."]), 22: (["cat"], ["A cat."]), 23: (["car"], ["A car."])}
+    write_coco(tmp_path / "annotations", images)
+    (tmp_path / "val2014").mkdir()
+    for image_id in images:
+        Image.new("RGB", (20 + image_id, 16), (image_id * 5, 40, 90)).save(tmp_path / "val2014" / file_name(image_id))
+    out = tmp_path / "chair"
+    povid_eval.main(
+        ["--config", "eval_chair_coco", f"annotations_dir={tmp_path / 'annotations'}", f"image_dir={tmp_path / 'val2014'}",
+         f"output_dir={out}", "num_images=3", "backend=openai", *_client(server)]
+    )  # fmt: skip
+    result = json.loads((out / "results.json").read_text())
+    assert result["protocol"]["backend"] == "openai" and result["protocol"]["model"] == "fake-llava"
+    assert result["name"] == "fake-llava"
+    # Every caption is the server's "A dog sits on a chair next to a cat.".
+    captions = _lines(out / "captions.jsonl")
+    assert len(captions) == 3 and all(c["caption"] == server.default_answer for c in captions)
+    assert all(b["temperature"] == 0.0 for b in server.bodies)  # the protocol is greedy
+    # Hallucinated: the cat in 21, dog and chair in 22, all three in 23: 6 of 9 mentions.
+    assert result["metrics"]["chair_i"] == pytest.approx(6 / 9) and result["metrics"]["recall"] == pytest.approx(3 / 4)
