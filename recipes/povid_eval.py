@@ -272,6 +272,7 @@ class EvalRecipe:
                     "decoding": "greedy"}  # fmt: skip
         return {
             "generated": True,
+            "backend": "local",
             "checkpoint_dir": str(Path(cfg.checkpoint_dir).absolute()),
             "prompt": cfg.prompt,
             "max_new_tokens": cfg.max_new_tokens,
@@ -290,6 +291,7 @@ class EvalRecipe:
         path = self.output_dir / PROTOCOL_FILE
         if path.exists() and (self.output_dir / GENERATIONS_FILE).exists():
             previous = json.loads(path.read_text(encoding="utf-8"))
+            previous.setdefault("backend", "local")  # written before backends existed
             differing = {k: (previous.get(k), v) for k, v in protocol.items() if previous.get(k) != v}
             if differing:
                 shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differing.items())

@@ -151,3 +151,16 @@ def test_eval_on_a_server_scores_the_servers_answers(server, tmp_path, monkeypat
     assert all(b["temperature"] == 0.0 for b in server.bodies)  # the protocol is greedy
     # Hallucinated: the cat in 21, dog and chair in 22, all three in 23: 6 of 9 mentions.
     assert result["metrics"]["chair_i"] == pytest.approx(6 / 9) and result["metrics"]["recall"] == pytest.approx(3 / 4)
+
+
+def test_compare_lists_the_backend_as_a_protocol_difference():
+    from povid.metrics.report import compare_markdown
+
+    def result(protocol):
+        return {"format": "povid-eval/1", "benchmark": "chair", "name": protocol["backend"],
+                "protocol": protocol, "metrics": {"chair_s": 0.5, "chair_i": 0.2, "recall": 0.8}}  # fmt: skip
+
+    local = result({"generated": True, "backend": "local", "checkpoint_dir": "/ckpt", "decoding": "greedy"})
+    served = result({"generated": True, "backend": "openai", "model": "llava-hf/llava-1.5-7b-hf", "decoding": "greedy"})
+    text = compare_markdown([local, served])
+    assert '- `backend`: local: "local", openai: "openai"' in text
