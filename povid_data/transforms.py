@@ -49,6 +49,27 @@ VICUNA_V1_ROLES = ("USER", "ASSISTANT")
 VICUNA_V1_SEP = " "  # after the system prompt and after each user turn
 VICUNA_V1_SEP2 = EOS_TEXT  # after each assistant turn
 
+# The same prompt as a Jinja chat template, for a server (vLLM ``--chat-template``, SGLang) that
+# serves a llava-hf checkpoint: llava-hf's own template has no system prompt. The image part of
+# an OpenAI message becomes ``<image>\n`` before its text, where LLaVA's preprocessing puts it.
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{{- '" + VICUNA_V1_SYSTEM.replace("'", "\\'") + VICUNA_V1_SEP + "' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- 'USER: ' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ('image_url', 'image') -%}{{- '<image>\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- 'ASSISTANT: ' + message['content'] + '</s>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -164,3 +164,21 @@ def test_compare_lists_the_backend_as_a_protocol_difference():
     served = result({"generated": True, "backend": "openai", "model": "llava-hf/llava-1.5-7b-hf", "decoding": "greedy"})
     text = compare_markdown([local, served])
     assert '- `backend`: local: "local", openai: "openai"' in text
+
+
+def test_the_servers_chat_template_renders_our_vicuna_v1_prompt():
+    import jinja2
+
+    from povid.answering import openai_messages, question_turns
+    from povid_data.transforms import VICUNA_V1_CHAT_TEMPLATE, build_vicuna_prompt
+
+    template = jinja2.Environment().from_string(VICUNA_V1_CHAT_TEMPLATE)
+    for turns in (
+        question_turns("Describe this image in detail."),
+        [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."},
+         {"from": "human", "value": "Is it asleep?"}],
+    ):  # fmt: skip
+        messages = openai_messages(turns, "data:image/png;base64,AAAA")
+        assert template.render(messages=messages, add_generation_prompt=True) == build_vicuna_prompt(
+            turns, add_generation_prompt=True
+        )
