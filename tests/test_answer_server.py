@@ -182,3 +182,47 @@ def test_the_servers_chat_template_renders_our_vicuna_v1_prompt():
         assert template.render(messages=messages, add_generation_prompt=True) == build_vicuna_prompt(
             turns, add_generation_prompt=True
         )
+
+
+@pytest.mark.slow
+def test_generate_killed_mid_run_resumes_to_the_same_ids(tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    Image.new("RGB", (9, 7), (10, 200, 30)).save(tmp_path / "img.png")
+    cases = ["ok"] * 4 + ["rate", "refuse", "e500", "slow"] + ["ok", "e500", "refuse"] * 4
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i:02d}", "image": "img.png", "prompt": f"rid=r{i:02d} case={c}"}) + "\n"
+                            for i, c in enumerate(cases)))  # fmt: skip
+    server = FakeChatServer(ok_delay=0.15)  # slow enough to be killed half-way
+    try:
+        out = tmp_path / "out"
+        argv = ["--config", "llava_generate", "checkpoint_dir=unused", f"data_file={data}", f"output_dir={out}",
+                "backend=openai", "flush_every=1", *_client(server, "concurrency=2")]  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-m", "povid_generate", *argv], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while len(_lines(out / "generations.jsonl")) < 5:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "the recipe wrote nothing in time"
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.stderr.close()
+        done = {r["id"] for r in _lines(out / "generations.jsonl") + _lines(out / "rejects.jsonl")}
+        assert 5 <= len(done) < len(cases), "killed too late to prove anything"
+        povid_generate.main(argv)  # resume in-process
+    finally:
+        server.close()
+    written, rejects = _lines(out / "generations.jsonl"), _lines(out / "rejects.jsonl")
+    ids = [r["id"] for r in written + rejects]
+    assert sorted(ids) == [f"r{i:02d}" for i in range(len(cases))]  # each exactly once
+    assert {r["id"] for r in rejects} == {f"r{i:02d}" for i, c in enumerate(cases) if c == "refuse"}
