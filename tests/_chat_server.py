@@ -6,9 +6,14 @@ request it gets.
 """
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -109,3 +114,26 @@ def _completion(content):
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
     }  # fmt: skip
+
+
+def kill_when_written(module: str, argv: list, cwd: Path, watched: Path, lines: int, timeout: float = 120) -> None:
+    """Run ``python -m module *argv`` and SIGKILL it as soon as ``watched`` holds ``lines`` lines."""
+
+    def written() -> int:
+        return len(watched.read_text().splitlines()) if watched.exists() else 0
+
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=os.environ.copy())  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while written() < lines:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, f"{module} wrote nothing in time"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL

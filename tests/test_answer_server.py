@@ -9,7 +9,7 @@ from PIL import Image
 
 import povid_distort
 import povid_generate
-from _chat_server import KEY_ENV, FakeChatServer
+from _chat_server import KEY_ENV, FakeChatServer, kill_when_written
 
 
 @pytest.fixture
@@ -186,12 +186,6 @@ def test_the_servers_chat_template_renders_our_vicuna_v1_prompt():
 
 @pytest.mark.slow
 def test_generate_killed_mid_run_resumes_to_the_same_ids(tmp_path, monkeypatch):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     monkeypatch.setenv(KEY_ENV, "sk-test")
     Image.new("RGB", (9, 7), (10, 200, 30)).save(tmp_path / "img.png")
     cases = ["ok"] * 4 + ["rate", "refuse", "e500", "slow"] + ["ok", "e500", "refuse"] * 4
@@ -203,20 +197,7 @@ def test_generate_killed_mid_run_resumes_to_the_same_ids(tmp_path, monkeypatch):
         out = tmp_path / "out"
         argv = ["--config", "llava_generate", "checkpoint_dir=unused", f"data_file={data}", f"output_dir={out}",
                 "backend=openai", "flush_every=1", *_client(server, "concurrency=2")]  # fmt: skip
-        proc = subprocess.Popen([sys.executable, "-m", "povid_generate", *argv], cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())  # fmt: skip
-        try:
-            deadline = time.monotonic() + 120
-            while len(_lines(out / "generations.jsonl")) < 5:
-                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "the recipe wrote nothing in time"
-                time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.stderr.close()
+        kill_when_written("povid_generate", argv, tmp_path, out / "generations.jsonl", lines=5)
         done = {r["id"] for r in _lines(out / "generations.jsonl") + _lines(out / "rejects.jsonl")}
         assert 5 <= len(done) < len(cases), "killed too late to prove anything"
         povid_generate.main(argv)  # resume in-process

@@ -8,11 +8,6 @@ resumed must give the same ids as an uninterrupted run.
 """
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from PIL import Image
@@ -21,7 +16,7 @@ import povid_hallucinate
 from povid_data.hallucinate_openai import looks_like_reasoning
 from povid_data.openai_client import RetryPolicy, retry_after_seconds
 
-from _chat_server import KEY_ENV, FakeChatServer
+from _chat_server import KEY_ENV, FakeChatServer, kill_when_written
 
 
 @pytest.fixture
@@ -214,21 +209,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_ids(tmp_path, api_key):
     try:
         out = tmp_path / "killed"
         argv = _overrides(server, data, out, "flush_every=1", "concurrency=2")
-        proc = subprocess.Popen([sys.executable, "-m", "povid_hallucinate", *argv], cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())  # fmt: skip
-        try:
-            deadline = time.monotonic() + 120
-            while len(_ids(out / "preferences.jsonl")) < 6:
-                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "the recipe wrote nothing in time"
-                time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.stderr.close()
-        assert proc.returncode == -signal.SIGKILL
+        kill_when_written("povid_hallucinate", argv, tmp_path, out / "preferences.jsonl", lines=6)
         done_before = set(_ids(out / "preferences.jsonl")) | set(_ids(out / "rejects.jsonl"))
         assert 6 <= len(done_before) < len(records), "killed too late to prove anything"
 
