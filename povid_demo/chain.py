@@ -217,7 +217,7 @@ class Demo:
             self.out / "init", seed=self.settings.world.seed, world_dir=self.world_dir,
             pretrain_steps=self.settings.tower_pretrain_steps, progress=lambda m: _say("  " + m),
         )  # fmt: skip
-        _say(f"  untrained world LLaVA + tokenizer: {init}")
+        _say(f"  world LLaVA (tower pretrained) + tokenizer: {init}")
         self.seconds["world"] = time.perf_counter() - start
         done.write_text(json.dumps({"seconds": self.seconds["world"]}) + "\n")
         return self.world_dir
@@ -476,7 +476,8 @@ def run_demo(
     print(criteria)
     _say("one seed, one run: the 3-seed benchmark with text-only and noise-only DPO and a same-compute SFT")
     _say("control (benchmarks/povid_synthetic.py; README, 'Does POVID cut hallucination here?') found POVID")
-    _say("no better than those controls on this world")
+    _say("cutting CHAIR_I by 35 % over 3 seeds, ahead of noise-only DPO and the SFT control but level with")
+    _say("text-only DPO, and not beyond the seed spread")
     _say(f"figure: {figure}    table: {demo.out / 'summary.md'}")
     _say(f"total {elapsed / 60:.1f} min (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo.seconds.items()) + ")")
     return {"rows": rows, "table": table, "criteria": criteria, "figure": figure, "seconds": demo.seconds,
