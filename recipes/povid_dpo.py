@@ -15,6 +15,8 @@ dataset or computed online — noise answers):
    in the policy pass and, while tower and projector are frozen, in the reference pass;
 2. all rows (chosen, rejected, noise) go through the LLM in one concatenated forward; the
    output head runs only on the positions that predict an answer token (nothing else is scored);
+   with ``packing: shared_prompt`` the rows of one image and prompt are one sequence, the prompt
+   computed once for all of them (``povid.packing``);
 3. the online noise answer, if configured, is the teacher-forced argmax on the noisy image
    (fresh noise every epoch), scored on the clean image's logits of the chosen row;
 4. the reference is the same model with adapters disabled (LoRA; a frozen copy of a trainable
@@ -46,6 +48,7 @@ from tqdm import tqdm
 from povid.checkpoint import LlavaCheckpointer, load_model_state
 from povid.config import check_choice, parse
 from povid.loss import POVIDLoss, PreferenceLogProbs, answer_logprobs
+from povid.packing import SharedPromptPack, pack_shared_prompts, packed_answer_logits
 from povid.reference import ReferenceModel
 from povid.training import (
     StepCheckpoints,
@@ -88,6 +91,7 @@ SETTING_CHOICES = {
     "dtype": ("fp32", "bf16", "fp16"),
     "trainable_dtype": (None, "fp32", "bf16", "fp16"),
     "save_dtype": (None, "fp32", "bf16", "fp16"),
+    "packing": ("none", "shared_prompt"),
 }
 
 
@@ -109,6 +113,8 @@ class POVIDDPORecipe:
             check_choice(cfg, key, choices)
         # The parameters that train (and their AdamW state) in fp32 whatever the compute dtype.
         self.trainable_dtype = training.get_dtype(cfg.get("trainable_dtype", "fp32"), device=self.device)
+        # The rows of one image and prompt share one pass over the prompt (povid.packing).
+        self.packing = cfg.get("packing", "none")
         self.global_step = 0
         self.epoch = 0
         self.batches_done_in_epoch = 0
@@ -226,8 +232,14 @@ class POVIDDPORecipe:
 
     # ------------------------------------------------------------------------- forward
 
+    def _pack(self, batch: PreferenceBatch) -> Optional[SharedPromptPack]:
+        """The batch's rows packed behind their shared prompts (``packing: shared_prompt``)."""
+        if self.packing != "shared_prompt":
+            return None
+        return pack_shared_prompts(batch.tokens, batch.labels, batch.row_image, self.checkpointer.args.pad_token_id)
+
     def _row_logps(
-        self, model, features, batch, *, reference: bool, online_noise: bool,
+        self, model, features, batch, pack: Optional[SharedPromptPack], *, reference: bool, online_noise: bool,
         shared_noise_targets: Optional[torch.Tensor] = None,
     ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         """Summed log-probs per row kind (and the online noise answer's) for one model, and
@@ -235,11 +247,15 @@ class POVIDDPORecipe:
 
         The output head runs on answer positions only (``[n_answer_tokens, vocab]`` logits):
         nothing else is ever scored, and on short rows the head is a large share of the step.
-        ``shared_noise_targets``: the policy's noise answer, which the reference scores under
-        ``noise.argmax=shared`` instead of taking its own argmax.
+        ``pack``: the batch packed by shared prompt (None: row by row); the logits come in the
+        same order either way. ``shared_noise_targets``: the policy's noise answer, which the
+        reference scores under ``noise.argmax=shared`` instead of taking its own argmax.
         """
         positions = answer_positions(batch.labels)
-        logits = row_logits(model, batch.tokens, features, batch.row_image, positions)
+        if pack is None:
+            logits = row_logits(model, batch.tokens, features, batch.row_image, positions)
+        else:
+            logits = packed_answer_logits(model, pack, features)
         logps = answer_logprobs(logits, positions[0], answer_targets(batch.labels, positions), len(batch.tokens))
         out = {kind: logps[rows] for kind, rows in batch.kind_rows.items()}
         noise_targets = None
@@ -279,7 +295,7 @@ class POVIDDPORecipe:
         return self.reference.features(images) if reference else encode_images(model, images)
 
     def _reference_logps(
-        self, batch, policy_features, *, online_noise: bool, use_cache: bool = True,
+        self, batch, policy_features, pack: Optional[SharedPromptPack], *, online_noise: bool, use_cache: bool = True,
         policy_noise_targets: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         # Online noise answers change every step, so a cache can only serve the file's rows.
@@ -295,7 +311,7 @@ class POVIDDPORecipe:
             else:
                 features = self._features(reference, batch.images, reference=True)
             logps, _ = self._row_logps(
-                reference, features, batch, reference=True, online_noise=online_noise, shared_noise_targets=shared
+                reference, features, batch, pack, reference=True, online_noise=online_noise, shared_noise_targets=shared
             )
         return logps
 
@@ -313,11 +329,12 @@ class POVIDDPORecipe:
         """Policy and reference log-probs of every answer of a batch (on the recipe's device),
         per example, as the loss takes them: one step's forward without the loss."""
         features = self._features(self.model, batch.images, reference=False)
+        pack = self._pack(batch)
         policy, noise_targets = self._row_logps(
-            self.model, features, batch, reference=False, online_noise=self.noise.online
+            self.model, features, batch, pack, reference=False, online_noise=self.noise.online
         )
         ref = self._reference_logps(
-            batch, features, online_noise=self.noise.online, policy_noise_targets=noise_targets
+            batch, features, pack, online_noise=self.noise.online, policy_noise_targets=noise_targets
         )
         noise, ref_noise, mask = self._noise_per_example(policy, ref, batch)
         return PreferenceLogProbs(
@@ -394,7 +411,7 @@ class POVIDDPORecipe:
             batch = batch.to(self.device, self.dtype)
             with torch.no_grad(), self._mixed_precision():
                 features = self._features(self.model, batch.images, reference=False)
-                ref = self._reference_logps(batch, features, online_noise=False, use_cache=False)
+                ref = self._reference_logps(batch, features, self._pack(batch), online_noise=False, use_cache=False)
             for kind, rows in batch.kind_rows.items():
                 for owner, logp in zip(batch.row_example[rows].tolist(), ref[kind].tolist()):
                     cache.setdefault(batch.ids[owner], {})[kind] = logp
