@@ -136,13 +136,15 @@ def test_non_finite_loss_stops_and_names_last_checkpoint(tmp_path, tiny_checkpoi
 
 
 @pytest.mark.slow
-def test_fsdp2_on_two_processes_matches_one_process(tmp_path, tiny_checkpoint, preference_data):
+@pytest.mark.parametrize("packing", ["none", "shared_prompt"])
+def test_fsdp2_on_two_processes_matches_one_process(tmp_path, tiny_checkpoint, preference_data, packing):
+    # The single process runs row by row; the two processes also with the shared-prompt packing.
     single = _run("povid_tiny_full", tiny_checkpoint, preference_data, tmp_path / "one", "epochs=2", "batch_size=4")
     tune = Path(sys.executable).with_name("tune")
     result = subprocess.run(
         [str(tune), "run", "--nproc_per_node", "2", "povid_dpo", "--config", "povid_tiny_full",
          f"checkpoint_dir={tiny_checkpoint}", f"data_file={preference_data}",
-         f"output_dir={tmp_path / 'two'}", "epochs=2", "batch_size=2"],
+         f"output_dir={tmp_path / 'two'}", "epochs=2", "batch_size=2", f"packing={packing}"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
