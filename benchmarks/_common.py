@@ -23,7 +23,7 @@ import random
 import resource
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = Path(os.environ.get("POVID_BENCH_DIR", "/tmp/povid_bench"))
@@ -60,6 +60,12 @@ PRESETS: Dict[str, BenchModel] = {
     "medium": BenchModel(embed_dim=1024, num_layers=12, num_heads=16, intermediate_dim=2752,
                          vision_embed_dim=512, vision_num_layers=7, vision_num_heads=8,
                          vision_intermediate_dim=2048, image_size=224),
+    # LLaVA-1.5's token shapes (336 px in 14 px patches: 576 image tokens, ~630-token prompts)
+    # on a model narrow enough for 2 CPU cores: the sequence structure is the real one, the
+    # widths are not. Use it with --answer-tokens 150 250 (the answers of LLaVA-style data).
+    "llava_shapes": BenchModel(embed_dim=256, num_layers=4, num_heads=4, intermediate_dim=688,
+                               vision_embed_dim=128, vision_num_layers=3, vision_num_heads=2,
+                               vision_intermediate_dim=512, image_size=336),
 }  # fmt: skip
 
 SYSTEM = (
@@ -189,8 +195,28 @@ def _write_images(directory: Path, n: int, seed: int) -> List[str]:
     return names
 
 
-def _write_records(directory: Path, images: List[str], answer_sentences: int, seed: int) -> Path:
+def _answer_of_tokens(rng: random.Random, tokenizer, target: int) -> str:
+    """Sentences up to ``target`` tokens (cut at a word boundary: within a few tokens of it)."""
+    words: List[str] = []
+    while len(tokenizer.encode(" ".join(words))) < target:
+        words += _sentence(rng).split()
+    while len(tokenizer.encode(" ".join(words))) > target:
+        words.pop()
+    return " ".join(words)
+
+
+def _write_records(
+    directory: Path, images: List[str], answer_sentences: int, seed: int,
+    answer_tokens: Optional[Tuple[int, int]] = None, tokenizer=None,
+) -> Path:
+    """Preference records; ``answer_tokens`` (lo, hi): each answer drawn to a length in that
+    range instead of ``answer_sentences`` sentences."""
     rng = random.Random(seed + 1)
+
+    def answer() -> str:
+        if answer_tokens is None:
+            return _answer(rng, answer_sentences)
+        return _answer_of_tokens(rng, tokenizer, rng.randint(*answer_tokens))
 
     def turns(answer: str) -> list:
         return [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": answer}]
@@ -200,9 +226,9 @@ def _write_records(directory: Path, images: List[str], answer_sentences: int, se
         records.append({
             "id": f"b{i}",
             "image": image,
-            "conversations": turns(_answer(rng, answer_sentences)),
-            "rejected_conversations": turns(_answer(rng, answer_sentences)),
-            "noise_conversations": turns(_answer(rng, answer_sentences)),
+            "conversations": turns(answer()),
+            "rejected_conversations": turns(answer()),
+            "noise_conversations": turns(answer()),
         })  # fmt: skip
     path = directory / "preferences.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -222,11 +248,13 @@ class Workspace:
 
 
 def prepare_workspace(
-    spec: BenchModel, *, seq_len: int, n_records: int, seed: int = 0, workdir: Path = DEFAULT_WORKDIR
+    spec: BenchModel, *, seq_len: int, n_records: int, seed: int = 0, workdir: Path = DEFAULT_WORKDIR,
+    answer_tokens: Optional[Tuple[int, int]] = None,
 ) -> Workspace:
     """Make (or reuse) the checkpoint, images and preference data for one setting.
 
-    Answers are made long enough that every row is cut to exactly ``seq_len`` tokens.
+    Answers are made long enough that every row is cut to exactly ``seq_len`` tokens, or with
+    ``answer_tokens`` (lo, hi) drawn to a length in that range (``seq_len`` is then only a cap).
     """
     key = hashlib.sha256(json.dumps([asdict(spec), seed]).encode()).hexdigest()[:12]
     ckpt = workdir / f"model_{key}"
@@ -236,13 +264,31 @@ def prepare_workspace(
     # ~24 tokens per sentence; leave a margin so truncation, not the answer, sets the length.
     answer_budget = max(seq_len - spec.num_image_tokens - 40, 8)
     sentences = answer_budget // 20 + 2
-    data_dir = workdir / f"data_{key}_{seq_len}_{n_records}"
+    lengths = "" if answer_tokens is None else f"_a{answer_tokens[0]}-{answer_tokens[1]}"
+    data_dir = workdir / f"data_{key}_{seq_len}_{n_records}{lengths}"
     data_file = data_dir / "preferences.jsonl"
     if not data_file.exists():
+        from povid_data.tokenizer import LlavaTokenizer
+
         data_dir.mkdir(parents=True, exist_ok=True)
         images = _write_images(data_dir, n_records, seed)
-        _write_records(data_dir, images, sentences, seed)
+        _write_records(data_dir, images, sentences, seed, answer_tokens, LlavaTokenizer.from_dir(ckpt))
     return Workspace(workdir, ckpt, data_file, data_dir, spec, n_records)
+
+
+def mean_row_tokens(ws: "Workspace", n: int) -> float:
+    """Mean tokens of a chosen/rejected row over the first ``n`` records (prompt with its image
+    placeholders, answer, ``</s>``), as povid_dpo's vicuna_v1 transform builds it."""
+    from povid_data.tokenizer import LlavaTokenizer
+
+    tokenizer = LlavaTokenizer.from_dir(ws.checkpoint_dir)
+    prompt = 1 + ws.spec.num_image_tokens + len(tokenizer.encode(f"{SYSTEM} USER: \n{QUESTION} ASSISTANT:"))
+    lengths = []
+    for line in ws.data_file.read_text().splitlines()[:n]:
+        record = json.loads(line)
+        for key in ("conversations", "rejected_conversations"):
+            lengths.append(prompt + len(tokenizer.encode(record[key][1]["value"])) + 1)
+    return sum(lengths) / len(lengths)
 
 
 def spec_from_args(preset: str, overrides: Dict[str, int]) -> BenchModel:

@@ -13,10 +13,9 @@ the last line it prints (``RESULT {json}``). Every configuration:
 4. attributes time to vision tower, policy forward, reference pass, backward and optimizer
    with hooks (exclusive buckets; the remainder is data loading, loss and bookkeeping).
 
-``--variant answer_head`` / ``shared_prefix`` were prototypes of changes to povid_dpo
-(``_answer_head.py``, now in the recipe; ``_shared_prefix.py``, one shared prompt per example);
-they patch methods the recipe no longer has and stop with an error. The default measures the
-recipe as it is.
+Ours runs the recipe as it is; ``--cfg packing=shared_prompt`` (any povid_dpo key) selects
+its options. ``--answer-tokens LO HI`` draws every answer to a length in that range (LLaVA-style
+data) instead of cutting every row to exactly ``--seq-len`` tokens.
 """
 
 from __future__ import annotations
@@ -141,14 +140,6 @@ def run_ours(a, ws, timers: Timers, clock: StepClock) -> dict:
     from povid.config import load_config
     from povid.training import image_encoder
 
-    if a.variant != "recipe":
-        # The prototypes patch recipe methods whose signatures have changed since (the answer
-        # head is in the recipe; the batch is a PreferenceBatch): measured numbers would be wrong.
-        raise SystemExit(
-            f"--variant {a.variant}: the prototype predates the current povid_dpo (answer-only head in the "
-            "recipe, typed batch) and no longer runs; the shared prompt goes into the recipe itself "
-            "(packing: shared_prompt, issue 14). Use --variant recipe."
-        )
     runtime_gb = _common.rss_gb()  # interpreter + torch/torchtune/povid, before any model
 
     config = "povid_tiny_lora" if a.method == "lora" else "povid_tiny_full"
@@ -375,7 +366,8 @@ def main(argv=None) -> None:
     p.add_argument("--noise", default="none", choices=["none", "dataset", "online"])
     p.add_argument("--precompute", action="store_true")
     p.add_argument("--ac", action="store_true", help="activation (gradient) checkpointing")
-    p.add_argument("--variant", default="recipe", choices=["recipe", "answer_head", "shared_prefix"])
+    p.add_argument("--answer-tokens", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="answers drawn to LO..HI tokens (rows then vary; --seq-len only caps them)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1)
@@ -396,8 +388,9 @@ def main(argv=None) -> None:
     spec = _common.spec_from_args(a.preset, _common.parse_overrides(a.set))
     ws = _common.prepare_workspace(
         spec, seq_len=a.seq_len, n_records=a.batch * (a.warmup + a.steps), seed=a.seed,
-        workdir=Path(a.workdir),
+        workdir=Path(a.workdir), answer_tokens=a.answer_tokens and tuple(a.answer_tokens),
     )  # fmt: skip
+    row_tokens = a.seq_len if a.answer_tokens is None else _common.mean_row_tokens(ws, ws.n_records)
     bucket_clock = "cpu" if torch.get_num_threads() == 1 else "wall"
     timers = Timers(time.process_time if bucket_clock == "cpu" else time.perf_counter)
     clock = StepClock(timers, a.warmup, a.steps)
@@ -427,11 +420,11 @@ def main(argv=None) -> None:
     buckets["other"] = max(sum(bucket_times) / len(bucket_times) - sum(buckets.values()), 0.0)
     result = dict(
         side=a.side, method=a.method, objective=a.objective, noise=a.noise, cfg=a.cfg,
-        precompute=a.precompute, ac=a.ac, variant=a.variant, batch=a.batch, seq_len=a.seq_len,
+        precompute=a.precompute, ac=a.ac, batch=a.batch, seq_len=a.seq_len, row_tokens=row_tokens,
         rows=run["rows"], preset=a.preset, params=run["params"], trainable=run["trainable"],
         step_s=mean, step_s_median=median, step_s_min=min(step_times), step_s_all=step_times,
         cpu_s=sum(cpu_times) / len(cpu_times), cpu_s_all=cpu_times, load_avg=os.getloadavg(), samples_per_s=a.batch / mean,
-        tokens_per_s=run["rows"] * a.seq_len / mean, train_peak_gb=train_peak,
+        tokens_per_s=run["rows"] * row_tokens / mean, train_peak_gb=train_peak,
         setup_peak_gb=setup_peak, static_gb=static_gb, runtime_gb=run["runtime_gb"],
         setup_s=run["setup_s"], precompute_s=run["precompute_s"].get("value"),
         n_records=ws.n_records, buckets=buckets, bucket_clock=bucket_clock,

@@ -6,9 +6,9 @@
 
 Same model, data and protocol as ``bench_vs_trl.py`` (LoRA r 8, plain DPO, fp32, one process per
 point, warm-up then timed steps). Sequence sweep: batch 1, rows of 256 to 2048 tokens (64 image
-tokens + prompt + answer), povid_dpo as it is (output head on answer tokens only) and, with
-``--proposed shared_prefix``, with one shared prompt per example (on CPU its attention mask
-costs O(L^2) memory, see ``_shared_prefix.py``).
+tokens + prompt + answer), povid_dpo row by row (output head on answer tokens only) and, with
+``--packed``, with ``packing: shared_prompt`` (a boolean mask: SDPA's fused CPU kernel takes it,
+but computes every block, so its cost grows with the packed length squared).
 Batch sweep: 256-token rows, 1 to 8 pairs. ``model GB`` is ``povid.memory``'s estimate of live
 memory (runtime + weights + step) for the point. Peak RSS is higher by what glibc keeps cached
 of freed tensors (3.5 GB at 2048 tokens); with ``MALLOC_MMAP_THRESHOLD_=131072`` the same run
@@ -52,9 +52,7 @@ def main(argv=None) -> None:
     p.add_argument("--clock", choices=["cpu", "wall"], default=None,
                    help="step time from process CPU time (default with 1 thread) or wall time")
     p.add_argument("--with-trl", action="store_true")
-    p.add_argument("--proposed", default="none", choices=["answer_head", "shared_prefix", "none"],
-                   help="also sweep povid_dpo with a proposed change (shared_prefix uses a boolean "
-                        "attention mask, which sends CPU SDPA to its O(L^2) math kernel)")
+    p.add_argument("--packed", action="store_true", help="also sweep povid_dpo with packing: shared_prompt")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--workdir", default=str(_common.DEFAULT_WORKDIR))
     a = p.parse_args(argv)
@@ -63,8 +61,8 @@ def main(argv=None) -> None:
     common = ["--preset", a.preset, "--warmup", str(a.warmup), "--steps", str(a.steps),
               "--threads", str(a.threads), "--workdir", a.workdir]  # fmt: skip
     variants = [("povid_dpo", ["--side", "ours"])]
-    if a.proposed != "none":
-        variants.append((f"povid_dpo + {a.proposed}", ["--side", "ours", "--variant", a.proposed]))
+    if a.packed:
+        variants.append(("povid_dpo, packed", ["--side", "ours", "--cfg", "packing=shared_prompt"]))
     if a.with_trl:
         variants.append(("TRL 1.16 (GC off)", ["--side", "trl"]))
     print(f"model: {a.preset} ({_common.count_parameters(spec) / 1e6:.1f} M parameters), LoRA r 8 DPO, fp32, "

@@ -9,7 +9,9 @@
    estimated peak memory per GPU by component for LLaVA-1.5-7B / 13B (the architecture is taken
    from the config name; everything else -- method, LoRA rank and dropout, batch, rows,
    ``max_seq_len``, dtype, activation checkpointing, noise source, precompute -- from the YAML).
-   The column ``answer head`` is the total with the proposed output head on answer tokens only.
+   The recipe's output head runs on answer tokens only (LLaVA-style answers of up to
+   ``ANSWER_LEN`` tokens behind a ``PROMPT_LEN``-token prompt); the column ``other packing`` is
+   the total with the config's ``packing`` switched (``none`` <-> ``shared_prompt``).
 2. Checks the model against peak RSS measured on CPU: povid_dpo runs a few small
    configurations of the ~100 M benchmark model (fp32, each in its own process, see
    ``_worker.py``) with glibc's heap trimming made eager (``MALLOC_MMAP_THRESHOLD_=131072``) so
@@ -37,6 +39,10 @@ CONFIGS = [
 ]  # fmt: skip
 COMPONENTS = ["parameters", "gradients", "optimizer", "activations", "logits", "reference", "fsdp_buffers"]
 GPUS = [24, 40, 48, 80]
+# LLaVA-1.5's rows: 576 image placeholders + BOS, the vicuna_v1 system prompt and a question
+# (~630 tokens), then an answer of 100 to 250 tokens (the upper end counted).
+PROMPT_LEN = 630
+ANSWER_LEN = 256
 
 
 def config_settings(name: str) -> dict:
@@ -78,6 +84,7 @@ def config_settings(name: str) -> dict:
         precomputed_reference=bool(cfg.reference.precompute),
         online_noise=noise == "online" and uses_noise,
         objective=objective,
+        packing=str(cfg.get("packing", "none")),
     )
 
 
@@ -87,8 +94,11 @@ def estimate_for(settings: dict, **overrides) -> dict:
     keys = ["method", "lora_rank", "batch_size", "seq_len", "rows_per_example", "dtype", "trainable_dtype",
             "activation_checkpointing", "world_size", "precomputed_reference", "online_noise",
             "lora_dropout", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output",
-            "projector_trainable"]  # fmt: skip
-    kwargs = {k: settings[k] for k in keys}
+            "projector_trainable", "packing"]  # fmt: skip
+    kwargs = {k: settings[k] for k in keys if k in settings}
+    kwargs.setdefault("logits_positions", "answer")
+    kwargs.setdefault("answer_len", ANSWER_LEN)
+    kwargs.setdefault("prompt_len", PROMPT_LEN)
     kwargs.update(overrides)
     if kwargs["method"] == "full":
         kwargs["lora_rank"] = 8  # unused
@@ -109,18 +119,18 @@ def config_table(markdown: bool) -> list:
     for name in CONFIGS:
         s = config_settings(name)
         est = estimate_for(s)
-        answer = estimate_for(s, logits_positions="answer", answer_len=256)
-        rows.append((s, est, answer))
+        other = estimate_for(s, packing="none" if s["packing"] == "shared_prompt" else "shared_prompt")
+        rows.append((s, est, other))
     head = ["config", "model", "method", "GPUs", "batch x rows x tokens", "AC",
-            *[c.replace("_buffers", "") for c in COMPONENTS], "total", "answer head", "fits"]  # fmt: skip
+            *[c.replace("_buffers", "") for c in COMPONENTS], "total", "packing", "other packing", "fits"]  # fmt: skip
     lines = []
-    for s, est, answer in rows:
+    for s, est, other in rows:
         lines.append([
             s["name"], s["size"], s["method"] + (f" r{s['lora_rank']}" if s["method"] != "full" else ""),
             str(s["world_size"]),
             f"{s['batch_size']} x {s['rows_per_example']}{'+noise' if s['online_noise'] else ''} x {s['seq_len']}",
             "on" if s["activation_checkpointing"] else "off",
-            *[f"{est[c]:.2f}" for c in COMPONENTS], f"{est['total']:.1f}", f"{answer['total']:.1f}",
+            *[f"{est[c]:.2f}" for c in COMPONENTS], f"{est['total']:.1f}", s["packing"], f"{other['total']:.1f}",
             fits(est["total"]),
         ])  # fmt: skip
     _print_table(head, lines, markdown)
@@ -150,9 +160,13 @@ def header_line(settings: dict, est: dict) -> str:
                            ("reference", "reference"), ("fsdp_buffers", "FSDP")]
         if est[key] >= 0.05
     )  # fmt: skip
+    if settings["packing"] == "shared_prompt":
+        shape = f"{settings['rows_per_example']} rows of {ANSWER_LEN} answer tokens behind one {PROMPT_LEN}-token prompt"
+    else:
+        shape = f"{settings['rows_per_example']} rows x {settings['seq_len']} tokens"
     return (
         f"# Memory: ~{est['total']:.0f} GB {where} (+ CUDA context) at batch {settings['batch_size']} x "
-        f"{settings['rows_per_example']} rows x {settings['seq_len']} tokens,\n"
+        f"{shape},\n"
         f"#   GB: {parts}\n"
         f"#   (povid.memory, printed by benchmarks/memory_model.py)."
     )
@@ -188,6 +202,11 @@ CHECKS = [
     ("LoRA povid_ref, online noise", ["--objective", "povid_released", "--noise", "online"], {"online_noise": True}),
     ("LoRA dpo, precomputed ref", ["--precompute"], {"precomputed_reference": True}),
     ("full dpo, AC off", ["--method", "full"], {"method": "full", "projector_trainable": True}),
+    ("LoRA dpo, packed", ["--cfg", "packing=shared_prompt"], {"packing": "shared_prompt"}),
+    ("LoRA povid, dataset noise, packed", ["--objective", "povid", "--noise", "dataset", "--cfg", "packing=shared_prompt"],
+     {"rows_per_example": 3, "packing": "shared_prompt"}),
+    ("LoRA dpo, packed, batch 1, 2048 tok", ["--batch", "1", "--seq-len", "2048", "--cfg", "packing=shared_prompt"],
+     {"batch_size": 1, "seq_len": 2048, "packing": "shared_prompt"}),
 ]
 
 
@@ -196,7 +215,10 @@ def run_checks(preset: str, workdir: str, threads: int, markdown: bool) -> list:
     ws = _common.prepare_workspace(spec, seq_len=256, n_records=4, workdir=Path(workdir))
     from povid_data.tokenizer import LlavaTokenizer
 
-    args = _common.llava_args(spec, LlavaTokenizer.from_dir(ws.checkpoint_dir).vocab_size)
+    tokenizer = LlavaTokenizer.from_dir(ws.checkpoint_dir)
+    args = _common.llava_args(spec, tokenizer.vocab_size)
+    # The benchmark's rows are cut to exactly seq_len tokens: prompt, then the answer.
+    prompt_len = 1 + spec.num_image_tokens + len(tokenizer.encode(f"{_common.SYSTEM} USER: \n{_common.QUESTION} ASSISTANT:"))
     base = dict(args=args, method="lora", lora_rank=8, batch_size=2, seq_len=256, rows_per_example=2,
                 dtype="fp32", activation_checkpointing=False, world_size=1, precomputed_reference=False,
                 online_noise=False, lora_dropout=0.0, lora_attn_modules=("q_proj", "k_proj", "v_proj", "output_proj"),
@@ -208,7 +230,8 @@ def run_checks(preset: str, workdir: str, threads: int, markdown: bool) -> list:
                "--preset", preset, "--warmup", "1", "--steps", "1", "--threads", str(threads),
                "--workdir", workdir, *worker_args]  # fmt: skip
         measured = _run_worker(cmd, env)
-        est = estimate_for({**base, **overrides})
+        point = {**base, **overrides}
+        est = estimate_for(point, prompt_len=prompt_len, answer_len=point["seq_len"] - prompt_len)
         predicted_train = est["total"] - est["parameters"]
         predicted_static = est["parameters"]
         if overrides.get("method") == "full":  # the frozen reference copy is made in setup

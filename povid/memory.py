@@ -46,6 +46,13 @@ Where the numbers come from:
   of the whole model, freed once reference log-probs are precomputed (unless the noise is
   online, which needs a live reference). The
   reference forward itself runs without grad: one layer's activations in flight.
+- **Shared-prompt packing** (``packing="shared_prompt"``): the rows of an example are one
+  sequence of ``prompt_len + rows * answer_len`` tokens instead of ``rows * seq_len``, for the
+  layers and the reference pass alike (the online noise pass on the noisy image stays row by
+  row). The boolean mask ``[batch, S, S]`` is kept once, and SDPA converts it to an additive
+  mask in the compute dtype that every layer saves for its backward (measured on CPU with
+  ``saved_tensors_hooks``; CUDA's memory-efficient kernel saves its bias the same way): with
+  activation checkpointing only the recomputed layer's copy is alive.
 - **Vision**: the CLIP tower runs without grad, once per image: one layer's activations in
   flight; the projected features are saved only when the projector trains.
 
@@ -251,6 +258,8 @@ def estimate_memory(
     logits_positions: str = "all",
     answer_len: int = 256,
     trainable_dtype: str = "fp32",
+    packing: str = "none",
+    prompt_len: int = 630,
 ) -> Dict[str, float]:
     """Peak memory of one povid_dpo training step per device, in GB by component.
 
@@ -274,6 +283,10 @@ def estimate_memory(
             tokens only, as povid_dpo does).
         answer_len: answer tokens per row, used with ``logits_positions="answer"``.
         trainable_dtype: dtype of the trainable parameters, their gradients and AdamW state.
+        packing: ``none`` (row by row, rows padded to ``seq_len``) or ``shared_prompt`` (each
+            example's rows behind one copy of its prompt, see :mod:`povid.packing`).
+        prompt_len: tokens of the shared prompt (image placeholders included), with
+            ``packing="shared_prompt"``; each row then has ``answer_len`` answer tokens.
 
     Returns:
         ``{"parameters", "gradients", "optimizer", "activations", "logits", "reference",
@@ -284,6 +297,8 @@ def estimate_memory(
             raise ValueError(f"{name} must be one of {sorted(DTYPE_BYTES)}, got {value!r}")
     if logits_positions not in ("all", "answer"):
         raise ValueError(f"logits_positions must be 'all' or 'answer', got {logits_positions!r}")
+    if packing not in ("none", "shared_prompt"):
+        raise ValueError(f"packing must be 'none' or 'shared_prompt', got {packing!r}")
     e, t = DTYPE_BYTES[dtype], DTYPE_BYTES[trainable_dtype]
     precomputed_reference = precomputed_reference and not online_noise
     counts = count_parameters(
@@ -299,7 +314,8 @@ def estimate_memory(
     optimizer = 2 * trainable_bytes
 
     rows = batch_size * rows_per_example
-    tokens = rows * seq_len
+    packed_len = prompt_len + rows_per_example * answer_len
+    tokens = batch_size * packed_len if packing == "shared_prompt" else rows * seq_len
     activations = _activation_bytes(
         args, tokens, method=method, dtype=dtype, lora_rank=lora_rank, lora_dropout=lora_dropout,
         activation_checkpointing=activation_checkpointing, images=batch_size,
@@ -312,6 +328,9 @@ def estimate_memory(
     )
     if online_noise:  # the teacher-forced pass on the noisy image: one layer in flight
         activations += _no_grad_pass_bytes(args, batch_size * seq_len, method, dtype, lora_rank)
+    if packing == "shared_prompt":  # the boolean mask, and each layer's saved additive copy
+        layers_saved = 1 if activation_checkpointing else args.num_layers
+        activations += batch_size * packed_len**2 * (1 + layers_saved * e)
 
     reference = 0.0
     if method == "full" and not precomputed_reference:

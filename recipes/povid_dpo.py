@@ -470,6 +470,7 @@ class POVIDDPORecipe:
                     lr=self.optimizer.param_groups[0]["lr"],
                     grad_norm=float(grad_norm),
                     tokens_per_second=tokens_seen * self.world_size / max(elapsed, 1e-9),
+                    step_seconds=elapsed,
                 )
                 if cfg.get("log_peak_memory_stats", True):
                     sums["peak_memory_gb"] = peak_memory_gb(self.device)
