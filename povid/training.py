@@ -57,8 +57,7 @@ __all__ = [
     "peak_memory_gb",
     "MetricsJsonl",
     "latest_checkpoint",
-    "shifted_cross_entropy",
-    "per_answer_cross_entropy",
+    "answer_cross_entropy",
     "set_vision_trainable",
     "model_state_for_save",
     "save_step_checkpoint",
@@ -450,40 +449,36 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- SFT and checkpoints
 
 
-def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (answer) tokens.
+def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, per_answer: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy of the labelled (answer) tokens.
 
-    ``logits[:, t]`` predicts ``labels[:, t + 1]``; positions labelled -100 are ignored. (Unlike
-    ``rlhf.get_batch_log_probs``, ``F.cross_entropy`` does not shift: it is done here.)
+    ``logits``: ``[n, vocab]`` at :func:`answer_positions` (the answer-only head of
+    :func:`output_at`), or the full ``[rows, L, vocab]`` (``logits[:, t]`` predicts
+    ``labels[:, t + 1]``; the same numbers up to float summation order).
+
+    ``per_answer=False``: the mean over labelled tokens. ``per_answer=True``: the mean over
+    answers of each answer's token mean, an answer being a run of labelled tokens (an assistant
+    turn and its ``</s>``). Every answer then weighs the same: with the token mean a ``Yes`` next
+    to a 60-token description is a few per cent of the loss, too little to learn to answer from
+    the image.
     """
-    shifted = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    return torch.nn.functional.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
-
-
-def per_answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over answers of each answer's mean next-token cross-entropy (labels shifted here).
-
-    An answer is a run of labelled tokens (an assistant turn and its ``</s>``). Every answer
-    weighs the same, so a one-word answer counts as much as a long description: the token mean
-    of :func:`shifted_cross_entropy` gives a ``Yes`` next to a 60-token description a few per
-    cent of the loss, too little to learn to answer from the image.
-    """
-    targets = labels[:, 1:]
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none",
-    ).view_as(targets)  # fmt: skip
-    labelled = targets != IGNORE_INDEX
+    positions = answer_positions(labels)
+    if logits.dim() == 3:
+        logits = logits[positions]
+    ce = torch.nn.functional.cross_entropy(logits.float(), answer_targets(labels, positions), reduction="none")
+    if not per_answer:
+        return ce.mean()
+    labelled = labels[:, 1:] != IGNORE_INDEX
     previous = torch.cat([torch.zeros_like(labelled[:, :1]), labelled[:, :-1]], dim=1)
-    starts = labelled & ~previous
-    # Answer index of every labelled token (1..n, row-major), 0 for the rest.
-    answer = (torch.cumsum(starts.flatten().long(), 0) * labelled.flatten().long())
+    starts = (labelled & ~previous).flatten()
+    # Answer index (0..n-1) of every scored position, in answer_positions' row-major order.
+    answer = (torch.cumsum(starts.long(), 0) - 1)[labelled.flatten()]
     n = int(starts.sum())
     if n == 0:
         return ce.sum() * 0.0
-    sums = torch.zeros(n + 1, dtype=ce.dtype, device=ce.device).index_add_(0, answer, (ce * labelled).flatten())
-    counts = torch.zeros(n + 1, dtype=ce.dtype, device=ce.device).index_add_(0, answer, labelled.flatten().to(ce.dtype))
-    return (sums[1:] / counts[1:]).mean()
+    sums = ce.new_zeros(n).index_add_(0, answer, ce)
+    counts = ce.new_zeros(n).index_add_(0, answer, torch.ones_like(ce))
+    return (sums / counts).mean()
 
 
 def set_vision_trainable(model: nn.Module, trainable: Set[str]) -> Set[str]:

@@ -8,7 +8,7 @@ import llava_sft
 from _recipes import crash_at, run_recipe
 from _shapes import save_shape_image
 from povid.checkpoint import load_llava
-from povid.training import per_answer_cross_entropy, shifted_cross_entropy
+from povid.training import answer_cross_entropy, answer_positions
 
 
 
@@ -37,31 +37,40 @@ def _run(config, ckpt, data, out, *overrides):
     return run_recipe(llava_sft.main, config, ckpt, data, out, "batch_size=4", *overrides)
 
 
-def test_shifted_cross_entropy_shifts_labels():
+def test_answer_cross_entropy_shifts_labels():
     logits = torch.full((1, 3, 5), -1e4)
     logits[0, 0, 2] = logits[0, 1, 4] = 0.0  # position t predicts token t + 1
     labels = torch.tensor([[-100, 2, 4]])
-    assert shifted_cross_entropy(logits, labels) == pytest.approx(0.0, abs=1e-6)
-    assert shifted_cross_entropy(logits, torch.tensor([[-100, 4, 2]])) > 100
+    assert answer_cross_entropy(logits, labels) == pytest.approx(0.0, abs=1e-6)
+    assert answer_cross_entropy(logits, torch.tensor([[-100, 4, 2]])) > 100
 
 
-def test_per_answer_cross_entropy_weighs_every_answer_the_same():
+@pytest.mark.parametrize("answer_only", [False, True])
+def test_per_answer_cross_entropy_weighs_every_answer_the_same(answer_only):
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 5)
     # Row 0: a two-token answer and a one-token one; row 1: a four-token answer at the row's end.
     labels = torch.tensor([[-100, 1, 2, -100, 3, -100], [-100, -100, 4, 4, 4, 2]])
+    one = torch.tensor([[-100, 1, 2, 3, 4, 2], [-100, -100, -100, -100, 3, 2]])
+
+    def loss(labels, per_answer=True):
+        # The recipe's answer-only head hands over the logits at answer positions only.
+        given = logits[answer_positions(labels)] if answer_only else logits
+        return answer_cross_entropy(given, labels, per_answer=per_answer)
+
     lp = logits.log_softmax(-1)
     answers = [
         -(lp[0, 0, 1] + lp[0, 1, 2]) / 2,
         -lp[0, 3, 3],
         -(lp[1, 1, 4] + lp[1, 2, 4] + lp[1, 3, 4] + lp[1, 4, 2]) / 4,
     ]
-    assert per_answer_cross_entropy(logits, labels) == pytest.approx(float(sum(answers) / 3), rel=1e-6)
+    assert loss(labels) == pytest.approx(float(sum(answers) / 3), rel=1e-6)
     # One answer a row: the mean of the rows' token means, not the token mean over the batch.
-    one = torch.tensor([[-100, 1, 2, 3, 4, 2], [-100, -100, -100, -100, 3, 2]])
     rows = [-(lp[0, 0, 1] + lp[0, 1, 2] + lp[0, 2, 3] + lp[0, 3, 4] + lp[0, 4, 2]) / 5, -(lp[1, 3, 3] + lp[1, 4, 2]) / 2]
-    assert per_answer_cross_entropy(logits, one) == pytest.approx(float(sum(rows) / 2), rel=1e-6)
-    assert per_answer_cross_entropy(logits, one) != pytest.approx(float(shifted_cross_entropy(logits, one)), rel=1e-3)
+    assert loss(one) == pytest.approx(float(sum(rows) / 2), rel=1e-6)
+    tokens = [-lp[0, t, int(one[0, t + 1])] for t in range(5)] + [-lp[1, 3, 3], -lp[1, 4, 2]]
+    assert loss(one, per_answer=False) == pytest.approx(float(sum(tokens) / 7), rel=1e-6)
+    assert loss(one) != pytest.approx(float(loss(one, per_answer=False)), rel=1e-3)
 
 
 def test_full_sft_learns_and_saves_a_loadable_model(tmp_path, tiny_checkpoint, sft_data):
@@ -125,3 +134,25 @@ def test_profiler_block_writes_a_trace(tmp_path, tiny_checkpoint, sft_data):
         "profiler.num_cycles=1",
     )  # fmt: skip
     assert list((tmp_path / "profiling_outputs").rglob("*.json*")), "no trace written"
+
+
+@pytest.mark.parametrize("per_answer", [False, True])
+def test_recipe_loss_on_answer_positions_equals_full_logits(tmp_path, tiny_checkpoint, sft_data, per_answer):
+    from _recipes import recipe_after_setup
+
+    recipe = recipe_after_setup(
+        llava_sft.LlavaSFTRecipe, "llava_sft_tiny_full", tiny_checkpoint, sft_data, tmp_path,
+        "batch_size=4", f"loss_per_answer={per_answer}",
+    )  # fmt: skip
+    batch = next(iter(recipe.dataloader))
+    loss = recipe._loss(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.grad is not None}
+    recipe.model.zero_grad()
+    images = {"image": {"images": batch["images"]}} if batch["images"] is not None else None
+    full = recipe.model(batch["tokens"], encoder_input=images)
+    assert full.dim() == 3  # the answer-only head is scoped to the recipe's own call
+    expected = answer_cross_entropy(full, batch["labels"], per_answer=per_answer)
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert grads and all(torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-7) for n, p in recipe.model.named_parameters() if n in grads)
