@@ -36,8 +36,11 @@ Where the numbers come from:
   the head two (the gathered gradient and the log_softmax gradient): 4 X with a live reference
   pass, 3 X with precomputed log-probs, plus X / 2 for the bf16/fp16 copy.
   ``logits_positions="answer"`` applies the head to answer positions only (``answer_len``
-  tokens per row), which is what povid_dpo does now (``povid.training.output_at``); the
-  coefficients above are kept for it, and err high (no temperature copy any more).
+  tokens per row), which is what povid_dpo does now (``povid.training.output_at``): the
+  policy's ``log_softmax`` is saved (X), the reference pass makes its logits and ``log_softmax``
+  and drops them (2 X, gone before backward), backward through the head makes 2 X: 3 X at the
+  peak with or without a reference pass (measured on CPU: the model was 4 X before and erred
+  high by about X).
 - **Online noise** scores the chosen rows a second time: that ``log_softmax`` is saved too (the
   teacher-forced no-grad pass on the noisy image is over before the peak; one layer of it is
   counted with the activations).
@@ -226,12 +229,14 @@ def _vision_transient_bytes(args: LlavaArgs, images: int, e: int) -> float:
 
 def _logit_bytes(
     args: LlavaArgs, rows: int, positions: int, e: int, *, chosen_rows: int, online_noise: bool,
-    reference_pass: bool,
+    reference_pass: bool, answer_only: bool,
 ) -> float:  # fmt: skip
     """fp32 logits per scored position: 1 saved + 2 transient in backward (+1 more while a
-    reference forward builds its own), plus the low-precision copy they are cast from."""
+    reference forward builds its own, full logits only), plus the low-precision copy they are
+    cast from. With the answer-only head nothing else holds the logits: the reference pass's
+    logits and log_softmax (2 X) are gone before backward's 2 X transients, so 3 X either way."""
     x = rows * positions * args.vocab_size * 4
-    total = (4 if reference_pass else 3) * x + (x / 2 if e < 4 else 0)
+    total = (4 if reference_pass and not answer_only else 3) * x + (x / 2 if e < 4 else 0)
     if online_noise:  # the chosen rows' log_softmax against the noise answer is saved too
         total += chosen_rows * positions * args.vocab_size * 4
     return total
@@ -324,7 +329,7 @@ def estimate_memory(
     positions = seq_len if logits_positions == "all" else min(answer_len, seq_len)
     logits = _logit_bytes(
         args, rows, positions, e, chosen_rows=batch_size, online_noise=online_noise,
-        reference_pass=not precomputed_reference,
+        reference_pass=not precomputed_reference, answer_only=logits_positions == "answer",
     )
     if online_noise:  # the teacher-forced pass on the noisy image: one layer in flight
         activations += _no_grad_pass_bytes(args, batch_size * seq_len, method, dtype, lora_rank)
