@@ -479,8 +479,8 @@ def run_demo(
     print(criteria)
     _say("one seed, one run: the 3-seed benchmark with text-only and noise-only DPO and a same-compute SFT")
     _say("control (benchmarks/povid_synthetic.py; README, 'Does POVID cut hallucination here?') found POVID")
-    _say("cutting CHAIR_I by 35 % over 3 seeds, ahead of noise-only DPO and the SFT control but level with")
-    _say("text-only DPO, and not beyond the seed spread")
+    _say("cutting CHAIR_I by 17 % over 3 seeds, level with text-only DPO and behind the SFT control (-19 %):")
+    _say("on this world the gain of POVID over its controls is not shown")
     _say(f"figure: {figure}    table: {demo.out / 'summary.md'}")
     _say(f"total {elapsed / 60:.1f} min (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo.seconds.items()) + ")")
     return {"rows": rows, "table": table, "criteria": criteria, "figure": figure, "seconds": demo.seconds,
