@@ -88,8 +88,22 @@ def test_activations_and_logits_by_hand():
     )
     x = tokens * V * 4  # fp32 logits of every position
     assert no_ac["logits"] == pytest.approx(4.5 * x / GB)
+    # answer-only head: the saved log_softmax and backward's two at the peak (the reference
+    # pass's pair is gone by then), plus the bf16 copy: 3.5 X with or without a reference pass
     answer = estimate_memory(LLAVA_1_5_7B, logits_positions="answer", answer_len=200, **kw)
-    assert answer["logits"] == pytest.approx(4.5 * 3 * 200 * V * 4 / GB)
+    assert answer["logits"] == pytest.approx(3.5 * 3 * 200 * V * 4 / GB)
+    # packing: the layers see one 630-token prompt + 3 answers instead of 3 padded rows, plus the
+    # boolean mask and one bf16 additive copy of it per layer
+    packed = estimate_memory(LLAVA_1_5_7B, activation_checkpointing=False, logits_positions="answer", answer_len=200,
+                             packing="shared_prompt", prompt_len=630, **kw)  # fmt: skip
+    rows = estimate_memory(LLAVA_1_5_7B, activation_checkpointing=False, logits_positions="answer", answer_len=200, **kw)
+    packed_tokens = 630 + 3 * 200
+    mask = packed_tokens**2 * (1 + LAYERS * 2)
+    assert packed["logits"] == rows["logits"]
+    per_token = LAYERS * per_layer + 2 * H * 2  # every layer, plus the fused embeddings and final norm
+    assert (packed["activations"] - rows["activations"]) * GB == pytest.approx(
+        per_token * (packed_tokens - tokens) + mask
+    )
 
 
 def test_precompute_and_13b():
