@@ -14,7 +14,8 @@ at the positions that predict answer tokens are then those of the row-by-row for
 fp32 summation order), and the prompt's activations receive the gradient of every row.
 
 The mask is a dense boolean ``[groups, S, S]`` by default. On CPU (torch 2.14) SDPA takes its
-fused flash kernel for a boolean mask (measured in ``benchmarks/bench_packing.py``); on a GPU
+fused flash kernel for a boolean mask (0.037 s against the math kernel's 0.093 s for forward +
+backward at 512 tokens, README "povid_dpo"), but computes every block; on a GPU
 with flex attention a ``BlockMask`` of the same pattern (``block_mask=True``) is what torchtune
 uses for its own sample packing and skips the masked blocks.
 """
@@ -46,7 +47,6 @@ class SharedPromptPack:
         image_index: ``[groups]`` the image (an index into the per-image features) of each group.
         positions: ``(group, index)`` of the packed position predicting each scored answer token,
             in the order :func:`povid.training.answer_positions` gives for the unpacked rows.
-        num_rows: rows packed (the unpacked batch's).
     """
 
     tokens: torch.Tensor
@@ -54,7 +54,6 @@ class SharedPromptPack:
     segments: torch.Tensor
     image_index: torch.Tensor
     positions: Positions
-    num_rows: int
 
     @property
     def packed_tokens(self) -> int:
@@ -131,7 +130,6 @@ def pack_shared_prompts(
         segments=padded(segs, PAD_SEGMENT),
         image_index=torch.tensor(group_image, dtype=torch.long, device=device),
         positions=(group, index),
-        num_rows=rows,
     )
 
 
