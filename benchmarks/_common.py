@@ -276,13 +276,19 @@ def prepare_workspace(
     return Workspace(workdir, ckpt, data_file, data_dir, spec, n_records)
 
 
+def prompt_tokens(tokenizer, num_image_tokens: int) -> int:
+    """Tokens of the benchmark's prompt as povid_dpo's vicuna_v1 transform builds it: BOS, the
+    image placeholders, the system prompt and the describe question."""
+    return 1 + num_image_tokens + len(tokenizer.encode(f"{SYSTEM} USER: \n{QUESTION} ASSISTANT:"))
+
+
 def mean_row_tokens(ws: "Workspace", n: int) -> float:
     """Mean tokens of a chosen/rejected row over the first ``n`` records (prompt with its image
     placeholders, answer, ``</s>``), as povid_dpo's vicuna_v1 transform builds it."""
     from povid_data.tokenizer import LlavaTokenizer
 
     tokenizer = LlavaTokenizer.from_dir(ws.checkpoint_dir)
-    prompt = 1 + ws.spec.num_image_tokens + len(tokenizer.encode(f"{SYSTEM} USER: \n{QUESTION} ASSISTANT:"))
+    prompt = prompt_tokens(tokenizer, ws.spec.num_image_tokens)
     lengths = []
     for line in ws.data_file.read_text().splitlines()[:n]:
         record = json.loads(line)

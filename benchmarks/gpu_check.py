@@ -127,7 +127,7 @@ def predicted_gb(checkpoint: Path, data_file: Path, size: str, packing: str) -> 
     cfg = OmegaConf.load(_common.ROOT / "recipe_configs" / "povid_7b_lora.yaml")
     args = read_llava_args(checkpoint)
     tokenizer = LlavaTokenizer.from_dir(checkpoint)
-    prompt = 1 + args.num_image_tokens + len(tokenizer.encode(f"{_common.SYSTEM} USER: \n{_common.QUESTION} ASSISTANT:"))
+    prompt = _common.prompt_tokens(tokenizer, args.num_image_tokens)
     answers = []
     for line in data_file.read_text().splitlines():
         record = json.loads(line)

@@ -218,7 +218,7 @@ def run_checks(preset: str, workdir: str, threads: int, markdown: bool) -> list:
     tokenizer = LlavaTokenizer.from_dir(ws.checkpoint_dir)
     args = _common.llava_args(spec, tokenizer.vocab_size)
     # The benchmark's rows are cut to exactly seq_len tokens: prompt, then the answer.
-    prompt_len = 1 + spec.num_image_tokens + len(tokenizer.encode(f"{_common.SYSTEM} USER: \n{_common.QUESTION} ASSISTANT:"))
+    prompt_len = _common.prompt_tokens(tokenizer, spec.num_image_tokens)
     base = dict(args=args, method="lora", lora_rank=8, batch_size=2, seq_len=256, rows_per_example=2,
                 dtype="fp32", activation_checkpointing=False, world_size=1, precomputed_reference=False,
                 online_noise=False, lora_dropout=0.0, lora_attn_modules=("q_proj", "k_proj", "v_proj", "output_proj"),
