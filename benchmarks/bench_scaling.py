@@ -37,6 +37,7 @@ def estimate_gb(spec, r: dict) -> float:
         activation_checkpointing=r["ac"], lora_dropout=0.0,
         logits_positions="answer",  # the recipe and both prototypes score answer positions only
         answer_len=r["seq_len"] - spec.num_image_tokens - 40,
+        optimizer_foreach=False,  # PyTorch's AdamW default on CPU: tensor by tensor
     )  # fmt: skip
     return r["runtime_gb"] + est["total"]
 

@@ -12,14 +12,18 @@ bars. Ours runs ``tune run povid_dpo --config povid_tiny_lora`` exactly as a use
 records, model, batch and LoRA as ``bench_vs_trl.py``; one thread per process unless
 ``--threads``.
 
-It also splits ours: the time inside the steps as ``_worker.py`` measures it (between step ends)
-against the whole run's per-step time, so what is spent outside the step's compute shows.
+It also splits ours from the long run's own ``metrics.jsonl`` over the same steps: the recipe's
+step timer (``step_seconds``), the part of it spent waiting for the data loader
+(``data_seconds``), and the rest of the whole run's per-step time, spent outside the step
+(logging, metric files, the progress bar).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,8 +69,10 @@ def main(argv=None) -> None:
               "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--threads", str(a.threads),
               "--answer-tokens", *map(str, a.answer_tokens), "--workdir", a.workdir, "--warmup", "1"]  # fmt: skip
 
+    outputs = {}
+
     def ours(steps: int) -> list:
-        out = tempfile.mkdtemp(prefix="povid_wall_")
+        out = outputs[steps] = tempfile.mkdtemp(prefix="povid_wall_")
         return [tune, "run", "povid_dpo", "--config", "povid_tiny_lora", f"checkpoint_dir={ws.checkpoint_dir}",
                 f"data_file={ws.data_file}", f"image_dir={ws.image_dir}", f"output_dir={out}",
                 f"batch_size={a.batch}", f"max_seq_len={a.seq_len}", f"max_steps={steps}", "shuffle=false",
@@ -85,15 +91,18 @@ def main(argv=None) -> None:
         per_step[name] = (t_long - t_short) / (a.long - a.short)
         print(f"  {name:30s} {a.short} steps {t_short:6.1f} s, {a.long} steps {t_long:6.1f} s -> "
               f"{per_step[name]:.2f} s/step (start-up {t_short - a.short * per_step[name]:.0f} s)", flush=True)
-    inner = _common.run_worker(worker[2:] + ["--side", "ours", "--steps", "3", "--cfg", f"packing={a.packing}"],
-                               env=env)  # fmt: skip
     ours_name, trl_name = list(runs)
     print(f"\nwall time per step of whole runs: povid_dpo {per_step[ours_name]:.2f} s, TRL {per_step[trl_name]:.2f} s "
           f"-> {per_step[trl_name] / per_step[ours_name]:.2f}x TRL's samples/s")  # fmt: skip
-    inside = _common.step_s(inner, "wall")
-    print(f"povid_dpo inside its steps (between step ends, _worker.py): {inside:.2f} s/step; the whole run's "
-          f"per-step time beyond it (logging, metric files, progress; the final checkpoint cancels out): "
-          f"{per_step[ours_name] - inside:+.2f} s/step")  # fmt: skip
+    # The long run's own metrics for the steps the short run did not take (the same steps the
+    # per-step wall time is over): its step timer, and within it the wait for the data loader.
+    with open(Path(outputs[a.long]) / "metrics.jsonl") as f:
+        steps = [json.loads(line) for line in f][a.short : a.long]
+    inside = statistics.fmean(r["step_seconds"] for r in steps)
+    data = statistics.fmean(r["data_seconds"] for r in steps)
+    print(f"povid_dpo, steps {a.short + 1}-{a.long} of the {a.long}-step run: {inside:.3f} s/step in the step timer, of "
+          f"which {data:.3f} s waiting for data (loading, image transforms, collation) and {inside - data:.3f} s "
+          f"compute; {per_step[ours_name] - inside:+.3f} s/step outside it (logging, metric files, progress bar)")  # fmt: skip
     print(f"wall_speedup_vs_trl: {per_step[trl_name] / per_step[ours_name]:.2f}")
 
 

@@ -85,6 +85,7 @@ def config_settings(name: str) -> dict:
         online_noise=noise == "online" and uses_noise,
         objective=objective,
         packing=str(cfg.get("packing", "none")),
+        gradient_accumulation_steps=int(cfg.gradient_accumulation_steps),
     )
 
 
@@ -94,7 +95,7 @@ def estimate_for(settings: dict, **overrides) -> dict:
     keys = ["method", "lora_rank", "batch_size", "seq_len", "rows_per_example", "dtype", "trainable_dtype",
             "activation_checkpointing", "world_size", "precomputed_reference", "online_noise",
             "lora_dropout", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output",
-            "projector_trainable", "packing"]  # fmt: skip
+            "projector_trainable", "packing", "gradient_accumulation_steps"]  # fmt: skip
     kwargs = {k: settings[k] for k in keys if k in settings}
     kwargs.setdefault("logits_positions", "answer")
     kwargs.setdefault("answer_len", ANSWER_LEN)
@@ -122,7 +123,7 @@ def config_table(markdown: bool) -> list:
         other = estimate_for(s, packing="none" if s["packing"] == "shared_prompt" else "shared_prompt")
         rows.append((s, est, other))
     head = ["config", "model", "method", "GPUs", "batch x rows x tokens", "AC",
-            *[c.replace("_buffers", "") for c in COMPONENTS], "total", "packing", "other packing", "fits"]  # fmt: skip
+            *[c.replace("_buffers", "") for c in COMPONENTS], "total", "peak in", "packing", "other packing", "fits"]  # fmt: skip
     lines = []
     for s, est, other in rows:
         lines.append([
@@ -130,11 +131,17 @@ def config_table(markdown: bool) -> list:
             str(s["world_size"]),
             f"{s['batch_size']} x {s['rows_per_example']}{'+noise' if s['online_noise'] else ''} x {s['seq_len']}",
             "on" if s["activation_checkpointing"] else "off",
-            *[f"{est[c]:.2f}" for c in COMPONENTS], f"{est['total']:.1f}", s["packing"], f"{other['total']:.1f}",
+            *[f"{est[c]:.2f}" for c in COMPONENTS], f"{est['total']:.1f}", peak_phase(est), s["packing"],
+            f"{other['total']:.1f}",
             fits(est["total"]),
         ])  # fmt: skip
     _print_table(head, lines, markdown)
     return rows
+
+
+def peak_phase(est: dict) -> str:
+    """The phase of the step whose total is the peak: forward, backward or optimizer step."""
+    return max(("forward", "backward", "optimizer_step"), key=lambda k: est[k]).replace("_", " ")
 
 
 def _print_table(head, lines, markdown: bool) -> None:
@@ -164,11 +171,13 @@ def header_line(settings: dict, est: dict) -> str:
         shape = f"{settings['rows_per_example']} rows of {ANSWER_LEN} answer tokens behind one {PROMPT_LEN}-token prompt"
     else:
         shape = f"{settings['rows_per_example']} rows x {settings['seq_len']} tokens"
+    phase = peak_phase(est)
     return (
         f"# Memory: ~{est['total']:.0f} GB {where} (+ CUDA context) at batch {settings['batch_size']} x "
         f"{shape},\n"
         f"#   GB: {parts}\n"
-        f"#   (povid.memory, printed by benchmarks/memory_model.py)."
+        f"#   (each at its own high point; the peak is in the {phase}: povid.memory, printed by\n"
+        f"#   benchmarks/memory_model.py)."
     )
 
 
@@ -231,12 +240,12 @@ def run_checks(preset: str, workdir: str, threads: int, markdown: bool) -> list:
                "--workdir", workdir, *worker_args]  # fmt: skip
         measured = _run_worker(cmd, env)
         point = {**base, **overrides}
-        est = estimate_for(point, prompt_len=prompt_len, answer_len=point["seq_len"] - prompt_len)
-        predicted_train = est["total"] - est["parameters"]
-        predicted_static = est["parameters"]
-        if overrides.get("method") == "full":  # the frozen reference copy is made in setup
-            predicted_train -= est["parameters"]
-            predicted_static += est["parameters"]
+        # On CPU AdamW steps tensor by tensor (PyTorch's default there; on CUDA it is foreach).
+        est = estimate_for(point, prompt_len=prompt_len, answer_len=point["seq_len"] - prompt_len,
+                           optimizer_foreach=False)  # fmt: skip
+        # Setup makes the weights and the reference's frozen copies (full: the whole model).
+        predicted_static = est["parameters"] + est["reference"]
+        predicted_train = est["total"] - predicted_static
         measured_train = measured["train_peak_gb"] - measured["static_gb"]
         measured_static = measured["static_gb"] - measured["runtime_gb"]
         results.append((label, measured_static, predicted_static, measured_train, predicted_train, measured))

@@ -27,28 +27,21 @@ Where the numbers come from:
   checkpointing a layer keeps only its input (``embed_dim`` values per token) and one layer's
   full activations exist while it is recomputed. Tokens are ``batch * rows * seq_len``: rows
   are padded to the longest, so ``seq_len`` is the padded row length (``max_seq_len`` at worst).
-- **Logits** (``logits_positions="all"``, the default, is how povid_dpo worked until it took the
-  answer-only head; it is now an upper bound): every position scored: the decoder returns ``output(h).float()``
-  (``[rows, L, vocab]`` fp32, plus the ``dtype`` copy it is cast from), torchtune's
-  ``get_batch_log_probs`` divides by the temperature (a copy) and keeps ``log_softmax`` for
-  backward. So one fp32 logit tensor X stays saved from the policy forward to backward; the
-  reference forward makes three more (logits, the copy, its log_softmax) and backward through
-  the head two (the gathered gradient and the log_softmax gradient): 4 X with a live reference
-  pass, 3 X with precomputed log-probs, plus X / 2 for the bf16/fp16 copy.
-  ``logits_positions="answer"`` applies the head to answer positions only (``answer_len``
-  tokens per row), which is what povid_dpo does now (``povid.training.output_at``): the
-  policy's ``log_softmax`` is saved (X), the reference pass makes its logits and ``log_softmax``
-  and drops them (2 X, gone before backward), backward through the head makes 2 X: 3 X at the
-  peak with or without a reference pass (measured on CPU: the model was 4 X before and erred
-  high by about X).
-- **Online noise** scores the chosen rows a second time: that ``log_softmax`` is saved too (the
-  teacher-forced no-grad pass on the noisy image is over before the peak; one layer of it is
-  counted with the activations).
+- **Logits**: X is one fp32 logit tensor of the scored positions. ``logits_positions="answer"``
+  (what povid_dpo does, ``povid.training.output_at``) scores ``answer_len`` tokens per row;
+  ``"all"`` every position (an upper bound, how povid_dpo worked before). The policy's
+  ``log_softmax`` (X) is saved for backward; in flight at its own time: the policy's fp32 logits
+  (X), the reference pass's logits and ``log_softmax`` (2 X; 3 X with every position, where
+  torchtune's log-prob helper also makes a temperature-scaled copy), backward's two gradients
+  (2 X); plus X / 2 for the bf16/fp16 copy the fp32 logits are cast from. The component is the
+  saved X plus the largest of these (3 X, or 4 X with every position and a live reference).
+- **Online noise** scores the chosen rows a second time: that ``log_softmax`` is saved too; the
+  teacher-forced no-grad pass on the noisy image has one layer and its logits in flight.
 - **Reference**: with LoRA the reference is the same weights with adapters off (nothing extra,
   except a frozen projector copy when the projector trains); full fine-tuning keeps a frozen copy
   of the whole model, freed once reference log-probs are precomputed (unless the noise is
-  online, which needs a live reference). The
-  reference forward itself runs without grad: one layer's activations in flight.
+  online, which needs a live reference). The ``reference`` component is these copies; the
+  reference forward runs without grad (one layer in flight) and is counted in the forward phase.
 - **Shared-prompt packing** (``packing="shared_prompt"``): the rows of an example are one
   sequence of ``prompt_len + rows * answer_len`` tokens instead of ``rows * seq_len``, for the
   layers and the reference pass alike (the online noise pass on the noisy image stays row by
@@ -59,11 +52,20 @@ Where the numbers come from:
 - **Vision**: the CLIP tower runs without grad, once per image: one layer's activations in
   flight; the projected features are saved only when the projector trains.
 
-The total adds the components. That is exact in the order of magnitude and errs high: gradients
-grow while activations are freed during backward, so without gradient accumulation the sum
-over-counts by up to the gradient size (with accumulation the gradients of the previous
-micro-batches are held through the next forward and the sum is right). Checked against CPU runs
-in ``benchmarks/memory_model.py``.
+**Phases.** The components do not peak together, so the total is the largest of the step's
+three phases rather than their sum:
+
+- *forward*: weights, AdamW state, what the policy forward saved, and the largest thing in
+  flight after it (the reference pass: one layer and its logits; the online noise pass; the
+  policy's own head);
+- *backward*: the head first (its two logit-sized gradients next to everything saved), then the
+  layers, which free their activations as their gradients arrive: the peak is at one end, all
+  activations (+ the recomputed layer under checkpointing) or all gradients;
+- *optimizer step*: gradients, and AdamW's temporary (the size of all trainable parameters with
+  the multi-tensor step PyTorch uses on CUDA, of the largest tensor on CPU).
+
+Gradients exist in the forward only under gradient accumulation (``zero_grad(set_to_none=True)``
+frees them after each step). Checked against CPU runs in ``benchmarks/memory_model.py``.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class ParameterCounts:
     trainable: int
     trainable_replicated: int  # trainable parameters FSDP does not shard (the projector)
     largest_layer: int  # parameters of one decoder layer (FSDP all-gather unit)
+    largest_trainable: int  # the largest trainable tensor (AdamW's per-tensor temporaries)
 
     @property
     def total(self) -> int:
@@ -175,6 +178,7 @@ def count_parameters(
         trainable=total(trainable_names),
         trainable_replicated=total(trainable_names & proj),
         largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in model.decoder.layers),
+        largest_trainable=max((params[n].numel() for n in trainable_names), default=0),
     )
 
 
@@ -203,45 +207,6 @@ def _parameter_bytes(counts: ParameterCounts, method: str, e: int, t: int, world
     return {"replicated": replicated + copies, "sharded": sharded / world_size}
 
 
-def _activation_bytes(
-    args: LlavaArgs, tokens: int, *, method: str, dtype: str, lora_rank: int, lora_dropout: float,
-    activation_checkpointing: bool, images: int, projector_trainable: bool,
-) -> float:  # fmt: skip
-    e = DTYPE_BYTES[dtype]
-    per_layer = layer_activation_bytes(args, method=method, dtype=dtype, lora_rank=lora_rank, lora_dropout=lora_dropout)
-    if activation_checkpointing:
-        layers = args.num_layers * args.embed_dim * e * tokens + per_layer * tokens
-    else:
-        layers = args.num_layers * per_layer * tokens
-    # Fused input embeddings and the final norm (input, and output for a trainable head).
-    outside = tokens * args.embed_dim * e * (3 if method == "full" else 2)
-    vision = _vision_transient_bytes(args, images, e)
-    if projector_trainable:  # projected features and the projector's hidden layer are kept
-        vision += 3 * images * args.num_image_tokens * args.embed_dim * e
-    return layers + outside + vision
-
-
-def _vision_transient_bytes(args: LlavaArgs, images: int, e: int) -> float:
-    """One CLIP layer's tensors for a batch of images (the tower runs without grad)."""
-    n = args.num_image_tokens + 1
-    return images * n * (6 * args.vision_embed_dim + 2 * args.vision_intermediate_dim) * e
-
-
-def _logit_bytes(
-    args: LlavaArgs, rows: int, positions: int, e: int, *, chosen_rows: int, online_noise: bool,
-    reference_pass: bool, answer_only: bool,
-) -> float:  # fmt: skip
-    """fp32 logits per scored position: 1 saved + 2 transient in backward (+1 more while a
-    reference forward builds its own, full logits only), plus the low-precision copy they are
-    cast from. With the answer-only head nothing else holds the logits: the reference pass's
-    logits and log_softmax (2 X) are gone before backward's 2 X transients, so 3 X either way."""
-    x = rows * positions * args.vocab_size * 4
-    total = (4 if reference_pass and not answer_only else 3) * x + (x / 2 if e < 4 else 0)
-    if online_noise:  # the chosen rows' log_softmax against the noise answer is saved too
-        total += chosen_rows * positions * args.vocab_size * 4
-    return total
-
-
 def estimate_memory(
     args: LlavaArgs,
     *,
@@ -265,8 +230,10 @@ def estimate_memory(
     trainable_dtype: str = "fp32",
     packing: str = "none",
     prompt_len: int = 630,
+    gradient_accumulation_steps: int = 1,
+    optimizer_foreach: bool = True,
 ) -> Dict[str, float]:
-    """Peak memory of one povid_dpo training step per device, in GB by component.
+    """Peak memory of one povid_dpo training step per device, in GB, by component and by phase.
 
     Args:
         args: the LLaVA architecture (``povid.model.LLAVA_1_5_7B`` etc. or ``read_llava_args``).
@@ -292,10 +259,19 @@ def estimate_memory(
             example's rows behind one copy of its prompt, see :mod:`povid.packing`).
         prompt_len: tokens of the shared prompt (image placeholders included), with
             ``packing="shared_prompt"``; each row then has ``answer_len`` answer tokens.
+        gradient_accumulation_steps: above 1 the gradients of earlier micro-batches are held
+            through the next forward.
+        optimizer_foreach: AdamW's multi-tensor step (PyTorch's default on CUDA) holds one
+            temporary the size of the trainable parameters; the per-tensor step (the default
+            on CPU) one the size of the largest.
 
     Returns:
-        ``{"parameters", "gradients", "optimizer", "activations", "logits", "reference",
-        "fsdp_buffers", "total"}`` in GB (1024**3 bytes).
+        Components, each at its own high point: ``{"parameters", "gradients", "optimizer",
+        "activations", "logits", "reference", "fsdp_buffers"}``; the totals of the step's three
+        phases, ``"forward"`` (policy and reference passes), ``"backward"`` and
+        ``"optimizer_step"``; and ``"total"``, the largest phase. The components do not all
+        peak together (activations are freed while gradients grow), so ``total`` is less than
+        their sum. In GB (1024**3 bytes).
     """
     for name, value in (("dtype", dtype), ("trainable_dtype", trainable_dtype)):
         if value not in DTYPE_BYTES:
@@ -314,55 +290,111 @@ def estimate_memory(
     weights = _parameter_bytes(counts, method, e, t, world_size)
     parameters = weights["replicated"] + weights["sharded"]
     sharded_trainable = counts.trainable - counts.trainable_replicated
-    trainable_bytes = (counts.trainable_replicated + sharded_trainable / world_size) * t
-    gradients = trainable_bytes
-    optimizer = 2 * trainable_bytes
+    gradients = (counts.trainable_replicated + sharded_trainable / world_size) * t
+    optimizer = 2 * gradients
 
-    rows = batch_size * rows_per_example
-    packed_len = prompt_len + rows_per_example * answer_len
-    tokens = batch_size * packed_len if packing == "shared_prompt" else rows * seq_len
-    activations = _activation_bytes(
-        args, tokens, method=method, dtype=dtype, lora_rank=lora_rank, lora_dropout=lora_dropout,
-        activation_checkpointing=activation_checkpointing, images=batch_size,
-        projector_trainable=projector_trainable,
-    )  # fmt: skip
-    positions = seq_len if logits_positions == "all" else min(answer_len, seq_len)
-    logits = _logit_bytes(
-        args, rows, positions, e, chosen_rows=batch_size, online_noise=online_noise,
-        reference_pass=not precomputed_reference, answer_only=logits_positions == "answer",
-    )
-    if online_noise:  # the teacher-forced pass on the noisy image: one layer in flight
-        activations += _no_grad_pass_bytes(args, batch_size * seq_len, method, dtype, lora_rank)
-    if packing == "shared_prompt":  # the boolean mask, and each layer's saved additive copy
-        layers_saved = 1 if activation_checkpointing else args.num_layers
-        activations += batch_size * packed_len**2 * (1 + layers_saved * e)
-
-    reference = 0.0
+    reference = 0.0  # what the reference holds for the whole run
     if method == "full" and not precomputed_reference:
         # A frozen copy in the compute dtype, sharded like the policy; freed after precompute.
         reference += sum(_parameter_bytes(counts, method, e, e, world_size).values())
     elif projector_trainable:
         reference += counts.projector * e
-    if not precomputed_reference:
-        reference += _no_grad_pass_bytes(args, tokens, method, dtype, lora_rank)
-
     fsdp = 0.0
     if world_size > 1:
         layer = counts.largest_layer * (NF4_BYTES_PER_WEIGHT if method == "qlora" else e)
         fsdp = 2 * layer + (2 * layer if method == "full" else 0)
+    static = parameters + optimizer + reference + fsdp
+    held_gradients = gradients if gradient_accumulation_steps > 1 else 0.0
+
+    rows = batch_size * rows_per_example
+    packed_len = prompt_len + rows_per_example * answer_len
+    tokens = batch_size * packed_len if packing == "shared_prompt" else rows * seq_len
+    act = _activations(
+        args, tokens, method=method, dtype=dtype, lora_rank=lora_rank, lora_dropout=lora_dropout,
+        activation_checkpointing=activation_checkpointing, images=batch_size,
+        projector_trainable=projector_trainable,
+        mask_bytes=batch_size * packed_len**2 if packing == "shared_prompt" else 0,
+    )  # fmt: skip
+    positions = seq_len if logits_positions == "all" else min(answer_len, seq_len)
+    x = rows * positions * args.vocab_size * 4  # one fp32 logit tensor of the scored positions
+    low = x / 2 if e < 4 else 0.0  # the dtype copy the fp32 logits are cast from
+    # Saved to backward: the policy's log_softmax, and the chosen rows' again against the
+    # online noise answer.
+    logits_saved = x + (batch_size * positions * args.vocab_size * 4 if online_noise else 0.0)
+    reference_layer = reference_logits = online_layer = online_logits = 0.0
+    if not precomputed_reference:  # one layer in flight, then its logits and log_softmax
+        # (every position: also the temperature-scaled copy torchtune's log-prob helper makes)
+        reference_layer = _no_grad_pass_bytes(args, tokens, method, dtype, lora_rank)
+        reference_logits = (3 if logits_positions == "all" else 2) * x + low
+    if online_noise:  # teacher-forced on the noisy image, row by row: one layer, the argmax logits
+        online_layer = _no_grad_pass_bytes(args, batch_size * seq_len, method, dtype, lora_rank)
+        online_logits = batch_size * positions * args.vocab_size * 4
+    policy_head = x + low  # the fp32 logits next to their saved log_softmax
+    forward_transient = max(
+        act["vision_in_flight"], policy_head, reference_layer + reference_logits, online_layer + online_logits
+    )
+    forward = static + held_gradients + act["saved"] + logits_saved + forward_transient
+    # Backward: first the head (gradients of log_softmax and of the logits), then the layers,
+    # freeing their activations as their gradients arrive: the peak is at one end.
+    head_backward = static + held_gradients + act["saved"] + logits_saved + 2 * x + low
+    layers_backward = static + act["recomputed"] + max(act["saved"] + held_gradients, gradients + act["outside"])
+    backward = max(head_backward, layers_backward)
+    # FSDP2 shards every tensor of the LLM, so the largest local one is a 1/world_size slice.
+    temporary = gradients if optimizer_foreach else counts.largest_trainable * t / world_size
+    optimizer_step = static + gradients + temporary
 
     out = {
         "parameters": parameters,
         "gradients": gradients,
         "optimizer": optimizer,
-        "activations": activations,
-        "logits": logits,
+        "activations": act["saved"] + max(act["recomputed"], act["vision_in_flight"], reference_layer, online_layer),
+        "logits": logits_saved + max(2 * x + low, policy_head, reference_logits, online_logits),
         "reference": reference,
         "fsdp_buffers": fsdp,
+        "forward": forward,
+        "backward": backward,
+        "optimizer_step": optimizer_step,
     }
     out = {k: v / GB for k, v in out.items()}
-    out["total"] = sum(out.values())
+    out["total"] = max(out["forward"], out["backward"], out["optimizer_step"])
     return out
+
+
+def _activations(
+    args: LlavaArgs, tokens: int, *, method: str, dtype: str, lora_rank: int, lora_dropout: float,
+    activation_checkpointing: bool, images: int, projector_trainable: bool, mask_bytes: int,
+) -> Dict[str, float]:  # fmt: skip
+    """Bytes of the policy forward: ``saved`` for backward, ``recomputed`` (one layer in flight
+    in backward under activation checkpointing), ``outside`` (saved outside the layers) and
+    ``vision_in_flight`` (one CLIP layer, the tower runs without grad).
+
+    A packed batch keeps its boolean mask (``mask_bytes``), and SDPA saves an additive copy in
+    the compute dtype per layer: every layer's without checkpointing, the recomputed one's with.
+    """
+    e = DTYPE_BYTES[dtype]
+    per_layer = layer_activation_bytes(args, method=method, dtype=dtype, lora_rank=lora_rank, lora_dropout=lora_dropout)
+    if activation_checkpointing:
+        layers = args.num_layers * args.embed_dim * e * tokens
+        recomputed = per_layer * tokens + mask_bytes * e
+    else:
+        layers = args.num_layers * (per_layer * tokens + mask_bytes * e)
+        recomputed = 0.0
+    # Fused input embeddings and the final norm (input, and output for a trainable head).
+    outside = tokens * args.embed_dim * e * (3 if method == "full" else 2) + mask_bytes
+    if projector_trainable:  # projected features and the projector's hidden layer are kept
+        outside += 3 * images * args.num_image_tokens * args.embed_dim * e
+    return {
+        "saved": layers + outside,
+        "recomputed": recomputed,
+        "outside": outside,
+        "vision_in_flight": _vision_transient_bytes(args, images, e),
+    }
+
+
+def _vision_transient_bytes(args: LlavaArgs, images: int, e: int) -> float:
+    """One CLIP layer's tensors for a batch of images (the tower runs without grad)."""
+    n = args.num_image_tokens + 1
+    return images * n * (6 * args.vision_embed_dim + 2 * args.vision_intermediate_dim) * e
 
 
 def _no_grad_pass_bytes(args: LlavaArgs, tokens: int, method: str, dtype: str, lora_rank: int) -> float:

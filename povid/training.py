@@ -11,6 +11,7 @@ import json
 import os
 import hashlib
 import resource
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
@@ -56,6 +57,7 @@ __all__ = [
     "clip_grad_norm",
     "peak_memory_gb",
     "MetricsJsonl",
+    "timed_batches",
     "latest_checkpoint",
     "answer_cross_entropy",
     "set_vision_trainable",
@@ -394,6 +396,20 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+def timed_batches(loader: Iterable[Any]) -> Iterator[Tuple[float, Any]]:
+    """``(seconds waited, batch)`` for each batch of ``loader``: the time the training loop spends
+    waiting for data (reading, decoding and transforming images, collating), which more data
+    loader workers would hide."""
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        yield time.perf_counter() - start, batch
 
 
 class MetricsJsonl:

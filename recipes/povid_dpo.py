@@ -73,6 +73,7 @@ from povid.training import (
     set_trainable,
     setup_profiler,
     shard_llava,
+    timed_batches,
     upcast_trainable,
 )
 from povid_data.distort import NoiseSettings
@@ -440,9 +441,11 @@ class POVIDDPORecipe:
             self.sampler.set_epoch(self.epoch)
             self.dataset.set_epoch(self.epoch)
             step_start, tokens_seen, sums = time.perf_counter(), 0, {}
-            for index, batch in enumerate(self.dataloader):
+            data_seconds = 0.0
+            for index, (waited, batch) in enumerate(timed_batches(self.dataloader)):
                 if index < self.batches_done_in_epoch:
                     continue  # resumed: these batches were consumed before the stop
+                data_seconds += waited
                 batch = batch.to(self.device, self.dtype)
                 with self._mixed_precision():
                     loss, metrics = self.loss_fn(self.preference_logprobs(batch))
@@ -471,6 +474,7 @@ class POVIDDPORecipe:
                     grad_norm=float(grad_norm),
                     tokens_per_second=tokens_seen * self.world_size / max(elapsed, 1e-9),
                     step_seconds=elapsed,
+                    data_seconds=data_seconds,
                 )
                 if cfg.get("log_peak_memory_stats", True):
                     sums["peak_memory_gb"] = peak_memory_gb(self.device)
@@ -479,6 +483,7 @@ class POVIDDPORecipe:
                 self.profiler.step()
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['rewards/accuracy']:.2f}")
                 step_start, tokens_seen, sums = time.perf_counter(), 0, {}
+                data_seconds = 0.0
                 if last_in_epoch:
                     self.epoch += 1
                     self.batches_done_in_epoch = 0

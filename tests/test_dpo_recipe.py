@@ -26,6 +26,8 @@ def test_lora_learns_over_50_steps(tmp_path, tiny_checkpoint, preference_data):
     assert sum(r["rewards/accuracy"] for r in last) / 4 > sum(r["rewards/accuracy"] for r in first) / 4
     assert all(r["rewards/accuracy"] == 1.0 for r in last)
     assert {"rewards/noise", "loss/noise_term", "lr", "tokens_per_second", "peak_memory_gb"} <= set(rows[-1])
+    # the wait for the data loader is part of the step's time, never more
+    assert all(0 < r["data_seconds"] < r["step_seconds"] for r in rows)
 
 
 def test_resume_gives_the_same_losses(tmp_path, tiny_checkpoint, preference_data):
