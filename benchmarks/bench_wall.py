@@ -69,10 +69,10 @@ def main(argv=None) -> None:
               "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--threads", str(a.threads),
               "--answer-tokens", *map(str, a.answer_tokens), "--workdir", a.workdir, "--warmup", "1"]  # fmt: skip
 
-    outputs = {}
+    # One output folder per run length: the long run's metrics.jsonl is read after the runs.
+    outputs = {n: tempfile.mkdtemp(prefix="povid_wall_") for n in (a.short, a.long)}
 
-    def ours(steps: int) -> list:
-        out = outputs[steps] = tempfile.mkdtemp(prefix="povid_wall_")
+    def ours(steps: int, out: str) -> list:
         return [tune, "run", "povid_dpo", "--config", "povid_tiny_lora", f"checkpoint_dir={ws.checkpoint_dir}",
                 f"data_file={ws.data_file}", f"image_dir={ws.image_dir}", f"output_dir={out}",
                 f"batch_size={a.batch}", f"max_seq_len={a.seq_len}", f"max_steps={steps}", "shuffle=false",
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
                 "loss.objective=dpo", "noise.source=none"]  # fmt: skip
 
     runs = {
-        "povid_dpo (tune run)": lambda n: ours(n),
+        "povid_dpo (tune run)": lambda n: ours(n, outputs[n]),
         "TRL 1.16 (DPOTrainer.train)": lambda n: worker + ["--side", "trl", "--steps", str(n - 1)],
     }
     print(f"{a.preset}: {spec.num_image_tokens} image tokens, answers {a.answer_tokens[0]}-{a.answer_tokens[1]} tokens, "
