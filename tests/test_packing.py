@@ -164,3 +164,30 @@ def test_recipe_packed_logprobs_and_loss_gradients_equal_row_by_row(
     assert grads_rows.keys() == grads_packed.keys() and grads_rows
     for name, grad in grads_rows.items():
         assert torch.allclose(grads_packed[name], grad, rtol=1e-3, atol=1e-6), name
+
+
+def test_block_mask_gives_the_logits_of_the_dense_mask_through_torchtune_attention():
+    """The flex-attention form of the mask (``block_mask=True``, what torchtune's attention
+    hands to flex attention on a GPU) encodes the same pattern as the dense one. torchtune
+    routes a ``BlockMask`` to its compiled flex attention only on CUDA, so here each attention
+    layer gets eager flex attention for it, the same function uncompiled."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torchtune.modules import MultiHeadAttention
+
+    def attention_call(q, k, v, mask, dropout_p, is_causal):
+        assert isinstance(mask, BlockMask)
+        return flex_attention(q, k, v, block_mask=mask)
+
+    model = _model().eval()
+    tokens, labels, images, row_image = _batch(model)
+    pack = pack_shared_prompts(tokens, labels, row_image, PAD)
+    with torch.no_grad():
+        features = encode_images(model, images)
+        dense = packed_answer_logits(model, pack, features)
+        layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+        assert layers
+        for layer in layers:
+            layer._attention_call = attention_call
+        flex = packed_answer_logits(model, pack, features, block_mask=True)
+    assert flex.shape == dense.shape
+    assert torch.allclose(flex, dense, rtol=1e-4, atol=1e-4), (flex - dense).abs().max()
