@@ -23,7 +23,8 @@ Prints mean and spread (sample standard deviation over seeds) and writes ``resul
 
 Extra ``povid_dpo`` overrides for the two DPO variants (``--dpo key=value ...``) go after the
 demo's, e.g. ``--dpo loss.beta=0.5``, and ``povid_hallucinate`` overrides (``--stage1
-rules.max_edits=1``) make a variant with its own stage 1 and 2 data; ``--tag`` names the variant.
+rules.max_edits=1``) make a variant with its own stage 1 and 2 data, ``povid_distort`` overrides
+(``--stage2 noise_step=700``) one with its own stage 2 data; ``--tag`` names the variant.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def criteria_per_seed_table(per_seed: Dict[int, Dict[str, dict]]) -> str:
 
 def run_seed(
     out: Path, seed: int, quick: bool, dpo_extra: List[str], tag: str, stage1_extra: List[str],
-    balanced_pref: bool = False, variants: Sequence[str] = VARIANTS,
+    balanced_pref: bool = False, variants: Sequence[str] = VARIANTS, stage2_extra: Sequence[str] = (),
 ) -> Dict[str, Dict[str, Path]]:  # fmt: skip
     """Train and evaluate ``variants`` (``base`` always) for one seed; returns their results files."""
     demo = seed_demo(out, seed, quick)
@@ -110,7 +111,8 @@ def run_seed(
     # control and the evaluation images are shared.
     data = suffix if stage1_extra or balanced_pref else ""
     pairs = balanced_preference_images(demo) if balanced_pref else demo
-    stage2 = pairs.stage2(base, pairs.stage1(f"stage1{data}", stage1_extra), name=f"stage2{data}")
+    stage2_name = f"stage2{suffix}" if stage2_extra and not data else f"stage2{data}"
+    stage2 = pairs.stage2(base, pairs.stage1(f"stage1{data}", stage1_extra), name=stage2_name, extra=stage2_extra)
     dpo_variants = {
         "povid": [],
         "dpo_text": ["loss.objective=dpo", "noise.source=none"],
@@ -188,6 +190,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the demo's reduced size (a smoke test)")
     parser.add_argument("--dpo", nargs="*", default=[], help="extra povid_dpo overrides for both DPO variants")
     parser.add_argument("--stage1", nargs="*", default=[], help="extra povid_hallucinate overrides (needs --tag)")
+    parser.add_argument("--stage2", nargs="*", default=[], help="extra povid_distort overrides (needs --tag)")
     parser.add_argument("--balanced-pref", action="store_true",
                         help="preference images from the balanced distribution (needs --tag)")  # fmt: skip
     parser.add_argument("--base-only", action="store_true",
@@ -196,8 +199,8 @@ def main(argv: List[str] | None = None) -> int:
                         help="the models to train besides the base (default: all)")  # fmt: skip
     parser.add_argument("--tag", default="", help="name suffix of the runs made with --dpo / --stage1 overrides")
     args = parser.parse_args(argv)
-    if (args.dpo or args.stage1 or args.balanced_pref) and not args.tag:
-        parser.error("--dpo, --stage1 and --balanced-pref variants need a --tag to keep their runs apart")
+    if (args.dpo or args.stage1 or args.stage2 or args.balanced_pref) and not args.tag:
+        parser.error("--dpo, --stage1, --stage2 and --balanced-pref variants need a --tag to keep their runs apart")
     start = time.perf_counter()
     if args.base_only:
         criteria = {seed: base_criteria_of_seed(args.out, seed, args.quick) for seed in args.seeds}
@@ -211,7 +214,7 @@ def main(argv: List[str] | None = None) -> int:
     criteria: Dict[int, Dict[str, dict]] = {}
     for seed in args.seeds:
         results = run_seed(args.out, seed, args.quick, args.dpo, args.tag, args.stage1, args.balanced_pref,
-                           ["base", *args.variants])  # fmt: skip
+                           ["base", *args.variants], args.stage2)  # fmt: skip
         rows = summary_rows(results)
         for variant, row in zip(results, rows):
             row["variant"] = variant
@@ -223,6 +226,7 @@ def main(argv: List[str] | None = None) -> int:
     name = f"results{'_' + args.tag if args.tag else ''}"
     (args.out / f"{name}.json").write_text(json.dumps({"per_seed": per_seed, "aggregate": agg,
                                                       "base_criteria": criteria, "dpo_overrides": args.dpo, "stage1_overrides": args.stage1,
+                                                      "stage2_overrides": args.stage2,
                                                       "balanced_pref": args.balanced_pref},
                                                      indent=2) + "\n")  # fmt: skip
     (args.out / f"{name}.md").write_text(text)

@@ -267,16 +267,17 @@ class Demo:
 
     # -- 4. stage 2
 
-    def stage2(self, base: Path, stage1_file: Path, name: str = "stage2") -> Path:
-        """``tune run povid_distort``: the base model's answers on noised images."""
+    def stage2(self, base: Path, stage1_file: Path, name: str = "stage2", extra: Sequence[str] = ()) -> Path:
+        """``tune run povid_distort``: the base model's answers on noised images; ``extra``
+        overrides (``noise_step=700``) go after the settings' (``name`` keeps the variant apart)."""
         s = self.settings
         out = self.out / name
         overrides = {
             "checkpoint_dir": base, "data_file": stage1_file, "image_dir": self.images, "output_dir": out,
             "batch_size": s.gen_batch_size, "max_new_tokens": s.caption_tokens, "seed": s.world.seed,
         }  # fmt: skip
-        self._run(name, "4/6 povid_distort: stage 2, answers on noised images",
-                  tune_command("povid_distort", "povid_distort", overrides), out)  # fmt: skip
+        command = [*tune_command("povid_distort", "povid_distort", overrides), *extra]
+        self._run(name, "4/6 povid_distort: stage 2, answers on noised images", command, out)  # fmt: skip
         return out / "preferences.jsonl"
 
     # -- 5. preference training
