@@ -81,3 +81,29 @@ def test_demo_evaluates_chair_with_corrected_counting(tmp_path, monkeypatch):
     Demo(tmp_path, DEMO_SIZES["quick"]).evaluate(tmp_path / "model", "base")
     assert "chair.mode=corrected" in commands["eval_base_chair"]
     assert not any(part.startswith("chair.") for part in commands["eval_base_pope"])
+
+
+def test_stage2_overrides_reach_povid_distort_after_the_settings(tmp_path, monkeypatch):
+    from povid_demo.chain import DEMO_SIZES, Demo
+
+    commands = {}
+    monkeypatch.setattr(Demo, "_run", lambda self, key, title, command, stage_dir: commands.setdefault(key, command))
+    demo = Demo(tmp_path, DEMO_SIZES["quick"])
+    out = demo.stage2(tmp_path / "model", tmp_path / "stage1.jsonl", name="stage2_t700", extra=["noise_step=700"])
+    assert out == tmp_path / "stage2_t700" / "preferences.jsonl"
+    command = commands["stage2_t700"]
+    assert command[-1] == "noise_step=700"  # last, so it wins over the config and the settings
+    assert f"output_dir={tmp_path / 'stage2_t700'}" in command
+    demo.stage2(tmp_path / "model", tmp_path / "stage1.jsonl")
+    assert not any(part.startswith("noise_step=") for part in commands["stage2"])
+
+
+def test_synthetic_benchmark_refuses_an_untagged_stage2_variant():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import povid_synthetic
+
+    with pytest.raises(SystemExit):
+        povid_synthetic.main(["--seeds", "0", "--stage2", "noise_step=700"])
