@@ -107,12 +107,12 @@ def run_seed(
     demo.world()
     base = demo.sft()
     suffix = f"_{tag}" if tag else ""
-    # A stage-1 or preference-image variant gets its own stage 1 and 2 data; the base, the SFT
-    # control and the evaluation images are shared.
+    # A stage-1 or preference-image variant gets its own stage 1 and 2 data, a stage-2 variant its
+    # own stage 2 data; the base, the SFT control and the evaluation images are shared.
     data = suffix if stage1_extra or balanced_pref else ""
+    data2 = suffix if data or stage2_extra else ""
     pairs = balanced_preference_images(demo) if balanced_pref else demo
-    stage2_name = f"stage2{suffix}" if stage2_extra and not data else f"stage2{data}"
-    stage2 = pairs.stage2(base, pairs.stage1(f"stage1{data}", stage1_extra), name=stage2_name, extra=stage2_extra)
+    stage2 = pairs.stage2(base, pairs.stage1(f"stage1{data}", stage1_extra), name=f"stage2{data2}", extra=stage2_extra)
     dpo_variants = {
         "povid": [],
         "dpo_text": ["loss.objective=dpo", "noise.source=none"],
@@ -197,7 +197,7 @@ def main(argv: List[str] | None = None) -> int:
                         help="stop after the base evaluation and report the world's base criteria per seed")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS[1:]), choices=VARIANTS[1:],
                         help="the models to train besides the base (default: all)")  # fmt: skip
-    parser.add_argument("--tag", default="", help="name suffix of the runs made with --dpo / --stage1 overrides")
+    parser.add_argument("--tag", default="", help="name suffix of the runs made with --dpo / --stage1 / --stage2 overrides")
     args = parser.parse_args(argv)
     if (args.dpo or args.stage1 or args.stage2 or args.balanced_pref) and not args.tag:
         parser.error("--dpo, --stage1, --stage2 and --balanced-pref variants need a --tag to keep their runs apart")

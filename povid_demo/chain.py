@@ -277,7 +277,7 @@ class Demo:
             "batch_size": s.gen_batch_size, "max_new_tokens": s.caption_tokens, "seed": s.world.seed,
         }  # fmt: skip
         command = [*tune_command("povid_distort", "povid_distort", overrides), *extra]
-        self._run(name, "4/6 povid_distort: stage 2, answers on noised images", command, out)  # fmt: skip
+        self._run(name, "4/6 povid_distort: stage 2, answers on noised images", command, out)
         return out / "preferences.jsonl"
 
     # -- 5. preference training

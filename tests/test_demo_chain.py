@@ -99,11 +99,15 @@ def test_stage2_overrides_reach_povid_distort_after_the_settings(tmp_path, monke
 
 
 def test_synthetic_benchmark_refuses_an_untagged_stage2_variant():
-    import sys
+    import importlib.util
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import povid_synthetic
+    # Loaded from its file as tests/test_precision.py loads its benchmark: sys.path stays as it is.
+    spec = importlib.util.spec_from_file_location(
+        "povid_synthetic", Path(__file__).resolve().parents[1] / "benchmarks" / "povid_synthetic.py"
+    )
+    povid_synthetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(povid_synthetic)
 
     with pytest.raises(SystemExit):
         povid_synthetic.main(["--seeds", "0", "--stage2", "noise_step=700"])
